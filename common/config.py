@@ -215,8 +215,10 @@ class AdvConfig:
     ema_decay: float = 0.99
     max_memory_gb: float | None = None
     probe: bool = True  # measure memory and time with one step before the run
-    eval_every: int = 100
+    eval_every: int = 100  # 0 disables the periodic evaluation
     eval_num: int = 256
+    # Computed at each evaluation: names of common.metrics.METRICS (Inception features) and c2st.
+    eval_metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "is", "pr", "dc", "c2st"])
     log_every: int = 5
     ckpt_every: int = 50
     keep_last: int = 2

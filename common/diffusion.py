@@ -181,7 +181,8 @@ class Sampler:
         else:
             out = self.unet(x, t_batch).sample
         out = out.float()
-        if self.guidance is not None:
+        # A zero-weight hook is skipped entirely, so weight 0 reproduces unguided samples bit for bit.
+        if self.guidance is not None and getattr(self.guidance, "weight", 1.0) != 0.0:
             eps = predict_eps(out, x, t_batch, self.alphas_cumprod, self.prediction_type)
             eps = self.guidance(x, t_batch, eps)
             out = eps_to_output(eps, x, t_batch, self.alphas_cumprod, self.prediction_type)

@@ -72,8 +72,9 @@ def write_grid(files: list[Path], path: Path, count: int) -> None:
     """Grid of the first `count` images of a sample set (rank 0)."""
     if not dist.is_main() or not files:
         return
-    images = [data.pil_to_tensor(data.open_rgb(str(f))) for f in files[:count]]
-    data.save_image_grid(torch.stack(images), path)
+    from .evaluation import files_uint8
+
+    data.save_image_grid(files_uint8(files[:count]), path)
 
 
 def write_npz(files: list[Path], path: Path) -> None:
