@@ -10,7 +10,6 @@ sample grids in grids/, checkpoints/ (full resume state), and at the end the EMA
 weights as a `DDPMPipeline` in model/.
 """
 
-import sys
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -19,7 +18,7 @@ from tqdm import tqdm
 from common import data, dist
 from common.diffusion import Sampler, denoising_loss
 from common.models import count_parameters, export_pipeline, load_model
-from common.rundir import EXIT_REQUEUE, StopSignal, check_finite
+from common.rundir import StopSignal, check_finite
 from common.training import (StepTimer, autocast, ema_weights, grad_norm, load_training_state, lr_warmup,
                              make_ema, run_stage, save_training_state, setup)
 
@@ -110,10 +109,7 @@ def main(cfg):
             save_training_state(run, done, cfg.train.keep_last, unet=unet, ema=ema, optimizer=optimizer,
                                 lr_schedule=lr_schedule)
         if stopping:
-            run.log(f"received {stop.received or 'a stop signal on another rank'}; "
-                    f"checkpoint written at step {done}, exiting with code {EXIT_REQUEUE} for requeue")
-            dist.cleanup()
-            sys.exit(EXIT_REQUEUE)
+            stop.exit_for_requeue(run, done)
     bar.close()
 
     # Export the EMA weights as a diffusers pipeline.
@@ -123,9 +119,7 @@ def main(cfg):
                 save_grid(grid_sampler, model, cfg, run, cfg.train.steps, device)
             export_pipeline(unet, model.scheduler, run.path / "model")
         run.log(f"exported EMA model to {run.path / 'model'} (load with DDPMPipeline.from_pretrained)")
-    dist.barrier()
-    run.release()
-    dist.cleanup()
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -102,9 +102,7 @@ def main(cfg):
     # A guidance sweep also gets one table of all weights.
     if len(rows) > 1:
         run.write_json("sweep.json", {"rows": rows})
-    dist.barrier()
-    run.release()
-    dist.cleanup()
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ class MetricsConfig:
     # Bootstrap rounds for 95 % confidence intervals; 0 disables. Each FID round runs one
     # 2048 x 2048 scipy sqrtm (seconds on a CPU), so the default is kept moderate.
     bootstrap: int = 100
-    bootstrap_metrics: list[str] = field(default_factory=lambda: ["fid", "is"])  # names in common.metrics.METRICS
+    bootstrap_metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "is", "pr", "dc"])  # names in common.metrics.METRICS
     seed: int = 0  # KID subsets and bootstrap resampling
     offline: bool = False  # never download the Inception weights; same as the top-level offline
     memorization_quantile: float = 0.05  # threshold: this quantile of train-to-train NN distances
@@ -369,7 +369,10 @@ def _check_dotted_key(dotted: str) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """Split `a.b=value`; the value is read as YAML, so `[1, 2]`, `true` and `null` work."""
+    """Split `a.b=value`; the value is read as YAML, so `[1, 2]`, `true` and `null` work.
+
+    An empty value (`disc.diffaug=`) is the empty string, not null.
+    """
     if "=" not in text:
         raise ConfigError(f"invalid override '{text}': expected key=value, for example train.lr=2e-4")
     key, raw = text.split("=", 1)
@@ -377,7 +380,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"invalid override '{text}': the key is empty")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
         raise ConfigError(f"invalid value in override '{text}': {error}") from None
     return key, value

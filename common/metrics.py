@@ -633,6 +633,32 @@ def fid(real: Features, fake: Features, cfg: Any = None) -> dict[str, float]:
     return {"fid": float(value)}
 
 
+def _centred_factor(pool: np.ndarray) -> torch.Tensor:
+    """R with R^T R = the sample covariance of `pool` [N, d]: the QR factor of the centred rows / sqrt(N - 1)."""
+    x = torch.from_numpy(pool).double()
+    x = (x - x.mean(dim=0)) / math.sqrt(len(x) - 1)
+    return torch.linalg.qr(x, mode="r").R  # [min(N, d), d]
+
+
+def frechet_distance_fast(real: Features, fake: Features) -> float:
+    """The Frechet distance of pytorch-fid, through a factorisation instead of sqrtm.
+
+    With covariances S1 = A^T A and S2 = B^T B, the non-zero eigenvalues of S1 S2 are
+    the squared singular values of M = R1 R2^T (R the QR factors of the centred
+    features), so tr sqrtm(S1 S2) = sum sqrt(eigvalsh(M M^T)). In float64 this agrees
+    with pytorch-fid to about 1e-9 relative, costs a few times less than scipy's sqrtm
+    of a d x d product and needs no regularising offset. Used for bootstrap rounds; the
+    reported point estimate stays pytorch-fid's `calculate_frechet_distance`.
+    """
+    mu_real = torch.from_numpy(real.pool).double().mean(dim=0)
+    mu_fake = torch.from_numpy(fake.pool).double().mean(dim=0)
+    r_real, r_fake = _centred_factor(real.pool), _centred_factor(fake.pool)
+    m = r_real @ r_fake.T
+    trace_sqrt = torch.linalg.eigvalsh(m @ m.T).clamp(min=0).sqrt().sum()
+    distance = (mu_real - mu_fake).square().sum() + r_real.square().sum() + r_fake.square().sum() - 2 * trace_sqrt
+    return float(distance)
+
+
 def _polynomial_mmd2(x: np.ndarray, y: np.ndarray) -> float:
     """Unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3 (Binkowski et al. 2018)."""
     m, dim = x.shape
@@ -830,7 +856,11 @@ def compute_metrics(
 
 
 def _bound(name: str, mcfg: Any) -> Callable[[Features, Features], dict[str, float]]:
+    """The metric as a function of two feature sets, for bootstrap rounds (FID by its fast form)."""
+
     def metric(real: Features, fake: Features) -> dict[str, float]:
+        if name == "fid":
+            return {"fid": frechet_distance_fast(real, fake)}
         return METRICS[name](real, fake, mcfg)
 
     return metric

@@ -3,6 +3,7 @@
 Layout of a run directory:
 
     config.yaml              resolved config, written before any work
+    config.<time>.yaml       an earlier, different config.yaml of this directory
     log.txt                  human-readable status lines (rank 0)
     metrics.jsonl            one JSON object per logged step (rank 0)
     checkpoints/ckpt_000500.pt   resume state; only complete files carry this name
@@ -24,6 +25,7 @@ import random
 import re
 import signal
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -197,6 +199,14 @@ class StopSignal:
         """True on every rank as soon as any rank received a signal (a collective call)."""
         return dist.sum_across_ranks([1.0 if self.received else 0.0])[0] > 0
 
+    def exit_for_requeue(self, run: "RunDir", step: int) -> None:
+        """Log, leave the process group and exit with EXIT_REQUEUE (the checkpoint is already written)."""
+        run.log(f"received {self.received or 'a stop signal on another rank'}; "
+                f"checkpoint written at step {step}, exiting with code {EXIT_REQUEUE} for requeue")
+        run.release()
+        dist.cleanup()
+        sys.exit(EXIT_REQUEUE)
+
 
 # --- run directory -------------------------------------------------------------------------
 
@@ -213,8 +223,31 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
             self.ckpt_dir.mkdir(exist_ok=True)
             self._acquire_lock()
-            atomic_write_text(self.path / "config.yaml", f"# stage: {stage}\n" + dump_yaml(cfg))
+            self._remove_stale_temporary_files()
+            self._write_config(f"# stage: {stage}\n" + dump_yaml(cfg))
         dist.barrier()
+
+    def _remove_stale_temporary_files(self) -> None:
+        """Delete checkpoint temporary files left by a killed writer (safe: this process holds the lock)."""
+        for tmp in self.ckpt_dir.glob(".ckpt_*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+    def _write_config(self, text: str) -> None:
+        """Write config.yaml; a different earlier one is kept as config.<its mtime>.yaml.
+
+        A rerun with another config (or one that fails on bad input) must not erase
+        the record of the config that wrote the existing checkpoints.
+        """
+        path = self.path / "config.yaml"
+        if path.is_file() and path.read_text() != text:
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+            kept = self.path / f"config.{stamp}.yaml"
+            number = 1
+            while kept.exists():
+                kept = self.path / f"config.{stamp}-{number}.yaml"
+                number += 1
+            os.replace(path, kept)
+        atomic_write_text(path, text)
 
     def _acquire_lock(self) -> None:
         lock_path = self.path / ".lock"
@@ -232,6 +265,12 @@ class RunDir:
         self._lock_file.truncate()
         self._lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         self._lock_file.flush()
+
+    def finish(self) -> None:
+        """End a stage: wait for every rank, release the lock, leave the process group."""
+        dist.barrier()
+        self.release()
+        dist.cleanup()
 
     def release(self) -> None:
         if self._lock_file is not None:

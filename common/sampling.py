@@ -7,11 +7,17 @@ processes. With the same batch size, 1 and N processes therefore run identical
 batches and write identical PNG bytes (on the same hardware and thread count).
 Across batch sizes the images agree to float rounding, not bit for bit, because
 CPU and GPU kernels may sum in another order for another batch shape.
+
+CPU kernels also sum in another order for another intra-op thread count, and
+torchrun gives each process one thread. So on CPU every batch runs on one thread,
+and a process with T threads runs T batches at once in a thread pool: the PNGs of
+`python` and of `torchrun --nproc_per_node=N` are then byte-identical.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +53,30 @@ def write_samples(model: DiffusionModel, sampler: Sampler, num: int, batch: int,
     chunks = rank_chunks(num, batch)
     todo = [c for c in chunks if not all((out_dir / f"{i:06d}.png").exists() for i in c)]
     start = time.perf_counter()
-    generated = 0
-    for chunk in tqdm(todo, desc="sampling", disable=not dist.is_main(), unit="batch", dynamic_ncols=True):
+
+    def run_chunk(chunk: list[int]) -> int:
         images = generate_batch(model, sampler, [seed + i for i in chunk], device).cpu()
         for i, image in zip(chunk, images):
             data.save_png(image, out_dir / f"{i:06d}.png")
-        generated += len(chunk)
+        return len(chunk)
+
+    bar = tqdm(total=len(todo), desc="sampling", disable=not dist.is_main(), unit="batch", dynamic_ncols=True)
+    generated = 0
+    if device.type == "cpu":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                for count in pool.map(run_chunk, todo):
+                    generated += count
+                    bar.update(1)
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        for chunk in todo:
+            generated += run_chunk(chunk)
+            bar.update(1)
+    bar.close()
     elapsed = time.perf_counter() - start
     totals = dist.sum_across_ranks([generated, elapsed])
     dist.barrier()

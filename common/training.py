@@ -14,7 +14,7 @@ from diffusers.training_utils import EMAModel
 
 from . import dist
 from .config import Config, dump_yaml, parse_cli
-from .rundir import RunDir, gather_rng, load_checkpoint, restore_rank_rng
+from .rundir import RunDir, RunDirError, gather_rng, load_checkpoint, restore_rank_rng
 
 
 def setup(cfg: Config, stage: str) -> tuple[torch.device, RunDir]:
@@ -32,19 +32,12 @@ def setup(cfg: Config, stage: str) -> tuple[torch.device, RunDir]:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that report bad input or a stopped run: shown as one line, no traceback."""
-    from . import data, models, rundir
+    from . import c2st, data, discriminators, finetune, losses, metrics, models, report, rundir
+    from .config import ConfigError
 
-    found = [models.ModelUnavailableError, rundir.RunDirError, rundir.NonFiniteLossError,
-             getattr(data, "ImageDataError", ValueError)]
-    for module_name, class_name in (("metrics", "MetricsError"), ("metrics", "FeatureExtractorError"),
-                                    ("discriminators", "DiscriminatorLoadError"), ("c2st", "C2STError")):
-        try:
-            module = __import__(f"common.{module_name}", fromlist=[class_name])
-        except ImportError:
-            continue
-        if hasattr(module, class_name):
-            found.append(getattr(module, class_name))
-    return tuple(found)
+    return (ConfigError, data.ImageDataError, models.ModelUnavailableError, rundir.RunDirError,
+            rundir.NonFiniteLossError, metrics.MetricError, discriminators.DiscriminatorError, losses.LossError,
+            c2st.C2STError, report.ReportError, finetune.FinetuneError)
 
 
 def run_stage(main, description: str) -> None:
@@ -105,18 +98,21 @@ def load_training_state(path: Path, **parts) -> dict:
     """Load a checkpoint into the given objects; returns the whole state (for step, extras).
 
     A checkpoint whose tensors do not fit the objects (another config or architecture)
-    raises a RuntimeError naming the file and the first mismatching entries.
+    raises RunDirError naming the file and the first mismatching entry.
     """
     state = load_checkpoint(path)
     missing = [name for name in parts if name not in state]
     if missing:
-        raise RuntimeError(f"checkpoint {path} has no {', '.join(missing)}; it was written by another stage")
+        raise RunDirError(f"checkpoint {path} has no {', '.join(missing)}; it was written by another stage")
     for name, part in parts.items():
         try:
             part.load_state_dict(state[name])
         except (RuntimeError, ValueError, KeyError) as error:
-            first = str(error).splitlines()[0][:300]
-            raise RuntimeError(
+            # torch's message starts with "Error(s) in loading state_dict for X:" and lists
+            # one mismatch per following line; the first of those says what differs.
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            first = "; ".join(lines[:2])[:300]
+            raise RunDirError(
                 f"checkpoint {path} does not match this run's {name} (another config or architecture?): {first}; "
                 "use the config the checkpoint was written with, or resume=none with a new run_dir"
             ) from None

@@ -841,3 +841,16 @@ def test_memorization_bad_quantile():
 
     with pytest.raises(MetricError, match="quantile"):
         memorization_report(points, points, quantile=5)
+
+
+def test_fast_frechet_equals_pytorch_fid():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    from common.metrics import Features, frechet_distance_fast
+
+    rng = np.random.default_rng(0)
+    real = Features(pool=rng.normal(size=(300, 16)).astype(np.float32), logits=None)
+    fake = Features(pool=(rng.normal(size=(200, 16)) * 1.3 + 0.2).astype(np.float32), logits=None)
+    expected = calculate_frechet_distance(*fake.stats(), *real.stats())
+    assert frechet_distance_fast(real, fake) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance_fast(real, real) == pytest.approx(0.0, abs=1e-8)
