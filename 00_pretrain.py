@@ -84,7 +84,7 @@ def main(cfg):
                 loss = denoising_loss(ddp_unet, model.scheduler, x0) / cfg.train.grad_accum
             loss.backward()
             total_loss += loss.detach()
-        check_finite(step, loss=total_loss)
+        check_finite(step + 1, loss=total_loss)  # 1-based, as in metrics.jsonl
         if cfg.train.grad_clip > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.train.grad_clip))
         else:

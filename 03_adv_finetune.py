@@ -100,7 +100,7 @@ def train_step(s, cfg, step, next_real, batch, plan=None) -> dict:
                                         grad=True, use_checkpoint=adv.checkpointing)
         total, parts = finetune.generator_loss(fakes, s.disc, real, s.ddp_gen, s.model.scheduler, cfg, generator,
                                                s.trainable.params, s.initial)
-    check_finite(step, **parts)
+    check_finite(step + 1, **parts)  # 1-based, as in metrics.jsonl
     total.backward()
     for p in s.d_params:
         p.requires_grad_(True)

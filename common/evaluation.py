@@ -54,7 +54,8 @@ def real_features(cfg: Config, extractor, device: torch.device) -> metrics.Featu
     """Reference features: cached by file list for folders, computed in memory for embedded sets."""
     files = real_files(cfg)
     if files is None:
-        return metrics.extract_from_images(real_images_uint8(cfg), extractor, cfg.metrics.batch_size, device)
+        images = real_images_uint8(cfg, limit=cfg.metrics.real_max)
+        return metrics.extract_from_images(images, extractor, cfg.metrics.batch_size, device)
     return metrics.reference_features(files, extractor, cfg, device, resolution=cfg.data.resolution,
                                       resize_filter=cfg.data.resize_filter)
 
