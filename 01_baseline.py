@@ -53,12 +53,8 @@ def sample_and_describe(cfg, model, weight, out_dir, device):
 def main(cfg):
     device, run = setup(cfg, "01_baseline")
 
-    # Feature extractor and reference statistics (cached across runs).
+    # Feature extractor first, so missing weights fail before any sampling.
     extractor = metrics.build_extractor(cfg, device, offline=cfg.offline)
-    start = time.perf_counter()
-    real = real_features(cfg, extractor, device)
-    run.log(f"reference features: {len(real)} real images, extractor {real.extractor}, "
-            f"{time.perf_counter() - start:.1f} s")
 
     # One sample set per guidance weight (a single unguided set without a sweep).
     if cfg.sample.dir is not None:
@@ -73,7 +69,7 @@ def main(cfg):
         sets = [(w, run.path / f"w{w:g}" if sweep else run.path) for w in weights]
 
     # Sample, then evaluate each set with one feature pass.
-    rows = []
+    rows, real = [], None
     for weight, folder in sets:
         if cfg.sample.dir is not None:
             from common.data import list_image_files
@@ -91,6 +87,11 @@ def main(cfg):
         write_grid(files, out_dir / "grid.png", cfg.sample.grid_size)
         if cfg.sample.save_npz:
             write_npz(files, out_dir / "samples.npz")
+        if real is None:  # after the first sample set, so its PNGs are usable while this runs
+            start = time.perf_counter()
+            real = real_features(cfg, extractor, device)
+            run.log(f"reference features: {len(real)} real images, extractor {real.extractor}, "
+                    f"{time.perf_counter() - start:.1f} s")
         fake = metrics.extract_from_files(files, extractor, cfg.metrics.batch_size, cfg.metrics.num_workers, device)
         result = {**info, **evaluate(cfg, real, fake, names=["fid", "kid", "is"])}
         if dist.is_main():

@@ -226,8 +226,8 @@ def _offline_requested(cfg: Any, offline: bool | None) -> bool:
 
 def _missing_weights_message(path: Path, reason: str) -> str:
     return (
-        f"FID Inception weights {reason}: {path}. On a machine with internet access run\n"
-        f'    python -c "from pytorch_fid.inception import fid_inception_v3; fid_inception_v3()"\n'
+        f"FID Inception weights {reason}: {path}. On a machine with internet access run "
+        f"'python -c \"from pytorch_fid.inception import fid_inception_v3; fid_inception_v3()\"', "
         f"then copy ~/.cache/torch/hub/checkpoints/{FID_WEIGHTS_NAME} to {path} or set "
         f"metrics.inception_weights=PATH. To run without them, set "
         f"metrics.features=inception-random (numbers then compare runs with each other only)."
