@@ -142,9 +142,9 @@ def evaluate(s, cfg, run, step, checkpoint):
     """Sample adv.eval_num images with the current (EMA) weights and append a row to eval.jsonl."""
     images = finetune.generate_images(s.model, s.eval_sampler, cfg.adv.eval_num, cfg.sample.batch_per_gpu,
                                       cfg.sample.seed, cfg.data.resolution, s.device)
-    metrics = s.metrics(images)
-    run.append_jsonl("eval.jsonl", {"step": step, "checkpoint": checkpoint, "metrics": metrics})
-    run.log(f"eval at step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    result = s.metrics(images)
+    run.append_jsonl("eval.jsonl", {"step": step, "checkpoint": checkpoint, **result})
+    run.log(f"eval at step {step}: " + ", ".join(f"{k}={v['value']:.4g}" for k, v in result["metrics"].items()))
 
 
 def main(cfg):

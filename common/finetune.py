@@ -568,6 +568,7 @@ class SampleMetrics:
         return self.extractor
 
     def __call__(self, fake: torch.Tensor) -> dict:
+        """{"metrics": {name: {"value", "ci"}}, "extractor", "comparable_to_literature"} of uint8 fakes."""
         from . import metrics
 
         result: dict = {}
@@ -578,14 +579,21 @@ class SampleMetrics:
             fake_features = metrics.extract_from_images(fake, extractor, self.cfg.metrics.batch_size, self.device,
                                                         progress=False)
         if dist.is_main():
+            from .evaluation import to_table_metrics
+
+            table: dict = {}
             if fake_features is not None:
-                result.update(metrics.compute_metrics(self.real_features, fake_features, self.cfg, inception_names))
+                flat = metrics.compute_metrics(self.real_features, fake_features, self.cfg, inception_names)
+                table.update(to_table_metrics(flat))
+                result["extractor"] = flat["extractor"]
+                result["comparable_to_literature"] = flat["comparable_to_literature"]
             if "c2st" in self.names:
                 from .c2st import c2st_from_config
 
                 out = c2st_from_config(self.real, fake, self.cfg.metrics, seed=self.cfg.metrics.seed, device=self.device)
-                result["c2st_accuracy"] = float(out["accuracy"])
-                result["c2st_auc"] = float(out["auc"])
+                table["c2st_accuracy"] = {"value": float(out["accuracy"]), "ci": None}
+                table["c2st_auc"] = {"value": float(out["auc"]), "ci": None}
+            result["metrics"] = table
         return dist.broadcast_object(result)
 
 
