@@ -152,8 +152,8 @@ def write_paired(cfg, real, fakes, rows, run):
                               labels=(base_label, label))
         paired[label] = {}
         for name in ("fid", "kid", "pr", "dc"):
-            fn = lambda r, f, name=name: metrics.METRICS[name](r, f, cfg.metrics)  # noqa: E731
-            result = metrics.paired_bootstrap(real, fake, base, fn, max(cfg.metrics.bootstrap, 2), cfg.metrics.seed)
+            result = metrics.paired_bootstrap(real, fake, base, metrics.metric_function(name, cfg.metrics),
+                                              max(cfg.metrics.bootstrap, 2), cfg.metrics.seed)
             for key, value in result.items():
                 if key.endswith("_std"):
                     continue

@@ -848,14 +848,14 @@ def compute_metrics(
         values = METRICS[name](real, fake, mcfg)
         result.update(values)
         if name in bootstrapped and mcfg.bootstrap > 0:
-            intervals = bootstrap_ci(real, fake, _bound(name, mcfg), mcfg.bootstrap, mcfg.seed)
+            intervals = bootstrap_ci(real, fake, metric_function(name, mcfg), mcfg.bootstrap, mcfg.seed)
             for key, (low, high) in intervals.items():
                 if not key.endswith("_std"):
                     result[f"{key}_ci95"] = [low, high]
     return result
 
 
-def _bound(name: str, mcfg: Any) -> Callable[[Features, Features], dict[str, float]]:
+def metric_function(name: str, mcfg: Any) -> Callable[[Features, Features], dict[str, float]]:
     """The metric as a function of two feature sets, for bootstrap rounds (FID by its fast form)."""
 
     def metric(real: Features, fake: Features) -> dict[str, float]:
