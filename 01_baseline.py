@@ -21,7 +21,7 @@ from common import dist, metrics
 from common.evaluation import evaluate, real_features
 from common.guidance import build_guidance
 from common.diffusion import Sampler
-from common.models import load_model
+from common.models import ModelUnavailableError, load_model
 from common.sampling import sample_files, write_grid, write_npz, write_samples
 from common.training import autocast_dtype, run_stage, setup
 
@@ -60,6 +60,10 @@ def main(cfg):
     if cfg.sample.dir is not None:
         sets = [(None, Path(cfg.sample.dir))]
     else:
+        if cfg.model.pretrained is None:
+            raise ModelUnavailableError("model.pretrained is not set, so there is no trained model to sample; set "
+                                        "model.pretrained=RUN/model (00_pretrain.py) or a hub id, or evaluate "
+                                        "existing images with sample.dir=FOLDER")
         model = load_model(cfg)
         model.unet.to(device).eval().requires_grad_(False)
         if model.autoencoder is not None:

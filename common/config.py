@@ -447,6 +447,15 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
+    for key, value in {"train.lr": cfg.train.lr, "disc.lr": cfg.disc.lr, "adv.lr": cfg.adv.lr}.items():
+        if not value > 0:
+            raise ConfigError(f"{key}: the learning rate must be positive, got {value}")
+    if cfg.model.pretrained is None:
+        # Each down block but the last halves the resolution, and the up path must restore it.
+        factor = 2 ** (len(cfg.model.unet.block_out_channels) - 1)
+        if cfg.data.resolution % factor:
+            raise ConfigError(f"data.resolution={cfg.data.resolution} must be divisible by {factor} for a U-Net "
+                              f"with {len(cfg.model.unet.block_out_channels)} blocks (model.unet.block_out_channels)")
     if cfg.sample.num < 0:
         raise ConfigError(f"sample.num: must be >= 0, got {cfg.sample.num}")
     gs = cfg.adv.grad_steps

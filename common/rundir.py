@@ -41,6 +41,9 @@ from .config import Config, dump_yaml
 # The SLURM templates requeue the job on it; `resume: auto` then continues.
 EXIT_REQUEUE = 75  # EX_TEMPFAIL from sysexits.h: "try again later"
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 CKPT_PATTERN = re.compile(r"^ckpt_(\d{6,})\.pt$")
 
 
@@ -58,6 +61,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give results the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -118,7 +122,9 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
-        raise RunDirError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RunDirError(f"{path} is not a readable checkpoint of this tool (corrupt, truncated, or another "
+                          f"format): {first}") from None
 
 
 # --- RNG state -----------------------------------------------------------------------------
@@ -185,15 +191,19 @@ def restore_rank_rng(states: list[dict]) -> None:
 
 
 class StopSignal:
-    """Record SIGUSR1 / SIGTERM so the loop can checkpoint at the next step boundary."""
+    """Record SIGUSR1, SIGTERM or Ctrl-C so the loop can checkpoint at the next step boundary."""
 
     def __init__(self) -> None:
         self.received: str | None = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == "SIGINT":
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once, without a checkpoint
         self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            print("Ctrl-C: writing a checkpoint at the end of this step (press again to abort)", flush=True)
 
     def should_stop(self) -> bool:
         """True on every rank as soon as any rank received a signal (a collective call)."""
@@ -219,6 +229,8 @@ class RunDir:
         self.stage = stage
         self.ckpt_dir = self.path / "checkpoints"
         self._lock_file = None
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"run_dir={self.path} is an existing file, not a folder; choose another run_dir")
         if dist.is_main():
             self.path.mkdir(parents=True, exist_ok=True)
             self.ckpt_dir.mkdir(exist_ok=True)

@@ -526,3 +526,22 @@ def test_sbatch_usr1_requeues(tmp_path):
     assert "scontrol requeue 4242" in calls, output[-3000:]
     assert "exiting with code 75" in (run_dir / "log.txt").read_text()
     assert last_checkpoint(run_dir).is_file()
+
+
+def test_run_dir_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "run_file"
+    target.write_text("keep me")
+    result = run_stage("00_pretrain.py", "configs/tiny.yaml", f"run_dir={target}", check=False)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "is an existing file" in result.stderr
+    assert target.read_text() == "keep me"
+
+
+def test_invalid_learning_rate_and_resolution():
+    from common.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.lr: the learning rate must be positive"):
+        load_config("configs/tiny.yaml", ["train.lr=-1"])
+    with pytest.raises(ConfigError, match="data.resolution=7 must be divisible by 2"):
+        load_config("configs/tiny.yaml", ["data.resolution=7"])
