@@ -717,6 +717,7 @@ def _save_atomic(img: Image.Image, path: str | Path) -> None:
         raise ImageDataError(f"failed to save image {path}: unknown extension {path.suffix!r}; use .png")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; images are for everyone who reads the run
         with os.fdopen(fd, "wb") as handle:
             img.save(handle, format=image_format)
         os.replace(tmp, path)
