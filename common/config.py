@@ -448,8 +448,8 @@ def validate(cfg: Config) -> None:
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
     for key, value in {"train.lr": cfg.train.lr, "disc.lr": cfg.disc.lr, "adv.lr": cfg.adv.lr}.items():
-        if not value > 0:
-            raise ConfigError(f"{key}: the learning rate must be positive, got {value}")
+        if not value >= 0:  # 0 is allowed: it freezes that network
+            raise ConfigError(f"{key}: the learning rate must not be negative, got {value}")
     if cfg.model.pretrained is None:
         # Each down block but the last halves the resolution, and the up path must restore it.
         factor = 2 ** (len(cfg.model.unet.block_out_channels) - 1)

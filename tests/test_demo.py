@@ -6,10 +6,10 @@ from conftest import REPO
 
 SMALL = ["data.resolution=16", "train.steps=4", "train.sample_every=0", "train.ckpt_every=4", "train.grid_steps=3",
          "sample.num=12", "sample.steps=3", "sample.batch_per_gpu=6", "sample.grid_size=4", "metrics.real_max=16",
-         "metrics.kid_subset_size=6", "metrics.bootstrap=3", "metrics.c2st_steps=5", "metrics.c2st_batch=8",
+         "metrics.kid_subset_size=6", "metrics.is_splits=2", "metrics.bootstrap=3", "metrics.c2st_steps=5", "metrics.c2st_batch=8",
          "disc.steps=4", "disc.eval_every=0", "disc.eval_num=4", "disc.t_buckets=2", "disc.fake_buffer=8",
          "disc.channels=16", "disc.max_channels=32", "adv.steps=3", "adv.steps_total=2", "adv.eval_every=2",
-         "adv.eval_num=6", "adv.grid_size=4", "adv.ckpt_every=2"]
+         "adv.eval_num=8", "adv.grid_size=4", "adv.ckpt_every=2"]
 
 
 def test_demo_script_prints_table(tmp_path):
