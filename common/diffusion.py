@@ -189,7 +189,7 @@ class Sampler:
         return out
 
     def step(self, x: torch.Tensor, index: int, seeds: list[int]) -> torch.Tensor:
-        """One denoising step x_t -> x_{t-1} (index counts from 0 at the noisiest step)."""
+        """Run one denoising step x_t -> x_{t-1} (index counts from 0 at the noisiest step)."""
         t = self.timesteps[index]
         out = self.model_output(x, t)
         if self.kind == "ddim":

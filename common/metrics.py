@@ -892,7 +892,8 @@ def bootstrap_ci(
     """Percentile bootstrap interval of `metric_fn(real, fake)`, resampling both sets with replacement.
 
     Returns (low, high), or {key: (low, high)} when `metric_fn` returns a dict. Each round
-    costs one full metric evaluation: for FID one covariance and one 2048-d sqrtm per set.
+    costs one full metric evaluation; FID through `metric_function` uses the QR and
+    eigvalsh form of `frechet_distance_fast`, not sqrtm.
     NOTE: k-NN metrics (pr, dc) on a resample see duplicated points at distance 0, which
     shrinks the k-NN radii, so their intervals are only a rough guide.
     """

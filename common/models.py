@@ -22,7 +22,7 @@ from .config import Config, ModelConfig
 
 
 class ModelUnavailableError(RuntimeError):
-    """Weights that cannot be found locally or downloaded. The message says how to get them."""
+    """Weights that cannot be found locally or downloaded. The message gives the command that fetches them."""
 
 
 @dataclass
@@ -173,7 +173,7 @@ def _load_folder(folder: Path) -> DiffusionModel:
 
 
 def load_model(cfg: Config) -> DiffusionModel:
-    """The pretrained model of `model.pretrained`, or a fresh one built from `model.unet`."""
+    """Load the pretrained model of `model.pretrained`, or build a fresh one from `model.unet`."""
     if cfg.model.pretrained is None:
         return DiffusionModel(unet=build_unet(cfg), scheduler=build_scheduler(cfg))
     folder = resolve_model_dir(cfg.model, cfg.offline)

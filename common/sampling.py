@@ -2,7 +2,7 @@
 
 Sample i always uses seed `sample.seed + i`. The global index range is cut into
 chunks of `batch_per_gpu` consecutive indices and chunk j runs on rank
-j mod world_size, so every chunk holds the same samples whatever the number of
+j mod world_size, so every chunk contains the same samples whatever the number of
 processes. With the same batch size, 1 and N processes therefore run identical
 batches and write identical PNG bytes (on the same hardware and thread count).
 Across batch sizes the images agree to float rounding, not bit for bit, because
@@ -102,7 +102,7 @@ def write_grid(files: list[Path], path: Path, count: int) -> None:
 
 
 def write_npz(files: list[Path], path: Path) -> None:
-    """All samples as one uint8 array [N, H, W, 3] in `arr_0` (the layout of ADM's evaluator)."""
+    """Write all samples as one uint8 array [N, H, W, 3] in `arr_0` (the layout of ADM's evaluator)."""
     if not dist.is_main():
         return
     arrays = np.stack([np.asarray(data.open_rgb(str(f))) for f in files])

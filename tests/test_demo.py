@@ -21,8 +21,10 @@ def test_demo_script_prints_table(tmp_path):
                                                          "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = (out / "eval" / "results.md").read_text()
-    assert "| baseline |" in table and "| finetune |" in table
-    assert "fid" in table.lower() and "c2st" in table.lower()
+    assert "| baseline |" in table
+    assert "| finetune |" in table
+    assert "fid" in table.lower()
+    assert "c2st" in table.lower()
     assert table.splitlines()[0] in result.stdout  # the table is printed at the end
     for path in ("baseline/grid.png", "finetune/model/model_index.json", "eval/grids/pair_finetune.png"):
         assert (out / path).exists(), path
