@@ -80,6 +80,11 @@ class Features:
     logits: np.ndarray | None  # [N, 1008] float32 fc outputs before softmax
     extractor: str = "unknown"
     comparable_to_literature: bool = False
+    # A bootstrap resample made by take(): `parent` is the full set, `origin` [N] the parent
+    # row each row copies. Both None for a full set.
+    origin: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    parent: Features | None = dataclasses.field(default=None, repr=False)
+    _knn: dict = dataclasses.field(default_factory=dict, repr=False)  # per-point k-NN terms, see _knn_terms
     _stats: tuple[np.ndarray, np.ndarray] | None = dataclasses.field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -93,13 +98,26 @@ class Features:
         return self._stats
 
     def take(self, index: np.ndarray) -> Features:
-        """Return the rows `index` (repeats allowed, as in a bootstrap resample)."""
+        """Return the rows `index` (repeats allowed, as in a bootstrap resample).
+
+        The result remembers the full set and the row of it that each of its rows copies,
+        so that the k-NN metrics keep the manifolds of the full sets (see `_knn_terms`).
+        """
+        index = np.asarray(index)
         return Features(
             pool=self.pool[index],
             logits=None if self.logits is None else self.logits[index],
             extractor=self.extractor,
             comparable_to_literature=self.comparable_to_literature,
+            origin=index if self.origin is None else self.origin[index],
+            parent=self if self.parent is None else self.parent,
         )
+
+    def full(self) -> tuple[Features, np.ndarray]:
+        """Return (the full set, the rows of it that this set holds)."""
+        if self.parent is None:
+            return self, np.arange(len(self))
+        return self.parent, self.origin
 
 
 # --- Inception network ---------------------------------------------------------------------
@@ -733,7 +751,7 @@ def _row_chunks(rows: int, columns: int, budget_bytes: int = 1 << 28):
         yield slice(start, min(rows, start + chunk))
 
 
-# NOTE: torch.cdist uses the matrix-product form ||a||^2 + ||b||^2 - 2 a.b for large inputs,
+# torch.cdist uses the matrix-product form ||a||^2 + ||b||^2 - 2 a.b for large inputs,
 # which is fast but not bitwise symmetric, so an exact tie on a ball's boundary (duplicate
 # samples, a set compared with itself) can fall either way; self distances come out near
 # 1e-8 rather than 0.
@@ -753,6 +771,36 @@ def _knn_radii(points: torch.Tensor, k: int) -> torch.Tensor:
     return radii
 
 
+def _knn_terms(real: Features, fake: Features, kind: str, k: int) -> dict[str, np.ndarray]:
+    """Per-point terms of the k-NN metrics on two full sets; each metric is the mean of one.
+
+    pr: "precision" [N_fake] (fake j lies in some real ball), "recall" [N_real] (real i lies
+    in some fake ball). dc: "density" [N_fake] (number of real balls that contain fake j, / k),
+    "coverage" [N_real] (real ball i contains some fake). Cached on `real` for the rounds of a
+    bootstrap, which then only resample these terms: the manifolds stay those of the full
+    sets. Rebuilding the balls on a resample would count each duplicate as its own
+    neighbour at distance 0, shrink every ball and bias all four metrics downwards.
+    """
+    key = (kind, k, id(fake))
+    cached = real._knn.get(key)
+    if cached is not None and cached[0] is fake:
+        return cached[1]
+    x, y = _as_tensor(real.pool), _as_tensor(fake.pool)
+    radii_x = _knn_radii(x, k)
+    if kind == "pr":
+        radii_y = _knn_radii(y, k)
+        inside = torch.cat([(torch.cdist(y[r], x) <= radii_x[None]).any(dim=1) for r in _row_chunks(len(y), len(x))])
+        covered = torch.cat([(torch.cdist(x[r], y) <= radii_y[None]).any(dim=1) for r in _row_chunks(len(x), len(y))])
+        terms = {"precision": inside, "recall": covered}
+    else:
+        hits = torch.cat([(torch.cdist(y[r], x) <= radii_x[None]).sum(dim=1) for r in _row_chunks(len(y), len(x))])
+        nearest_fake = torch.cat([torch.cdist(x[r], y).min(dim=1).values for r in _row_chunks(len(x), len(y))])
+        terms = {"density": hits.double() / k, "coverage": nearest_fake <= radii_x}
+    terms = {name: value.double().cpu().numpy() for name, value in terms.items()}
+    real._knn[key] = (fake, terms)
+    return terms
+
+
 def _check_knn(real: Features, fake: Features, k: int, metric: str, key: str) -> None:
     _check_same_dim(real, fake, metric)
     if min(len(real), len(fake)) < k + 1:
@@ -767,18 +815,13 @@ def precision_recall(real: Features, fake: Features, cfg: Any = None) -> dict[st
 
     precision: fraction of fakes within the k-NN ball of some real sample;
     recall: fraction of reals within the k-NN ball of some fake sample (balls closed).
+    On a bootstrap resample the balls are those of the full sets (see `_knn_terms`).
     """
     k = _metrics_cfg(cfg).pr_k
     _check_knn(real, fake, k, "precision/recall", "metrics.pr_k")
-    x, y = _as_tensor(real.pool), _as_tensor(fake.pool)
-    radii_x, radii_y = _knn_radii(x, k), _knn_radii(y, k)
-    inside = 0
-    for rows in _row_chunks(len(y), len(x)):
-        inside += (torch.cdist(y[rows], x) <= radii_x[None]).any(dim=1).sum().item()
-    covered = 0
-    for rows in _row_chunks(len(x), len(y)):
-        covered += (torch.cdist(x[rows], y) <= radii_y[None]).any(dim=1).sum().item()
-    return {"precision": inside / len(y), "recall": covered / len(x)}
+    (real_set, real_rows), (fake_set, fake_rows) = real.full(), fake.full()
+    terms = _knn_terms(real_set, fake_set, "pr", k)
+    return {"precision": float(terms["precision"][fake_rows].mean()), "recall": float(terms["recall"][real_rows].mean())}
 
 
 def density_coverage(real: Features, fake: Features, cfg: Any = None) -> dict[str, float]:
@@ -786,20 +829,14 @@ def density_coverage(real: Features, fake: Features, cfg: Any = None) -> dict[st
 
     density: the mean number of real balls that contain a fake, divided by k. It is about 1
     when both sets come from one distribution. coverage: the fraction of real balls that
-    contain at least one fake.
+    contain at least one fake. On a bootstrap resample the balls are those of the full
+    sets (see `_knn_terms`).
     """
     k = _metrics_cfg(cfg).dc_k
     _check_knn(real, fake, k, "density/coverage", "metrics.dc_k")
-    x, y = _as_tensor(real.pool), _as_tensor(fake.pool)
-    radii_x = _knn_radii(x, k)
-    hits = 0
-    for rows in _row_chunks(len(y), len(x)):
-        hits += (torch.cdist(y[rows], x) <= radii_x[None]).sum().item()
-    covered = 0
-    for rows in _row_chunks(len(x), len(y)):
-        nearest_fake = torch.cdist(x[rows], y).min(dim=1).values
-        covered += (nearest_fake <= radii_x[rows]).sum().item()
-    return {"density": hits / (k * len(y)), "coverage": covered / len(x)}
+    (real_set, real_rows), (fake_set, fake_rows) = real.full(), fake.full()
+    terms = _knn_terms(real_set, fake_set, "dc", k)
+    return {"density": float(terms["density"][fake_rows].mean()), "coverage": float(terms["coverage"][real_rows].mean())}
 
 
 MetricFn = Callable[[Features, Features, Any], dict[str, float]]
@@ -894,8 +931,9 @@ def bootstrap_ci(
     Returns (low, high), or {key: (low, high)} when `metric_fn` returns a dict. Each round
     costs one full metric evaluation; FID through `metric_function` uses the QR and
     eigvalsh form of `frechet_distance_fast`, not sqrtm.
-    NOTE: k-NN metrics (pr, dc) on a resample see duplicated points at distance 0, which
-    shrinks the k-NN radii, so their intervals are only a rough guide.
+    The k-NN metrics (pr, dc) keep the balls of the full sets and resample only the points
+    they score (see `_knn_terms`), so their intervals leave out the sampling noise of the
+    manifold estimate itself.
     """
     if rounds < 2:
         raise MetricError(f"bootstrap_ci: needs at least 2 rounds, got {rounds}")

@@ -763,6 +763,48 @@ def test_bootstrap_dict_metric():
     assert intervals["recall"][0] <= intervals["recall"][1]
 
 
+def test_knn_resample_keeps_full_set_balls():
+    real, fake = _gaussian(40, 3, seed=0), _gaussian(30, 3, seed=1, shift=0.3)
+    real_rows = np.random.default_rng(0).integers(0, 40, 40)  # resamples with repeats
+    fake_rows = np.random.default_rng(1).integers(0, 30, 30)
+
+    pr = precision_recall(real.take(real_rows), fake.take(fake_rows), MetricsConfig(pr_k=3))
+    dc = density_coverage(real.take(real_rows), fake.take(fake_rows), MetricsConfig(dc_k=5))
+
+    # Brute force: balls of the full sets, terms averaged over the drawn rows.
+    d_fake_real = np.linalg.norm(fake.pool[:, None] - real.pool[None], axis=2)
+    real_balls3, real_balls5, fake_balls3 = _radii(real.pool, 3), _radii(real.pool, 5), _radii(fake.pool, 3)
+    precision = (d_fake_real <= real_balls3[None]).any(axis=1)[fake_rows].mean()
+    recall = (d_fake_real.T <= fake_balls3[None]).any(axis=1)[real_rows].mean()
+    density = (d_fake_real <= real_balls5[None]).sum(axis=1)[fake_rows].mean() / 5
+    coverage = (d_fake_real.min(axis=0) <= real_balls5)[real_rows].mean()
+    assert pr["precision"] == pytest.approx(precision, abs=1e-12)
+    assert pr["recall"] == pytest.approx(recall, abs=1e-12)
+    assert dc["density"] == pytest.approx(density, abs=1e-12)
+    assert dc["coverage"] == pytest.approx(coverage, abs=1e-12)
+
+
+def _radii(points: np.ndarray, k: int) -> np.ndarray:
+    distances = np.linalg.norm(points[:, None] - points[None], axis=2)
+    return np.sort(distances, axis=1)[:, k]
+
+
+def test_knn_bootstrap_contains_estimate():
+    # Balls rebuilt on each resample would count duplicates as neighbours, shrink and push
+    # every round of precision, recall and coverage below the point estimate.
+    real, fake = _gaussian(300, 4, seed=0), _gaussian(300, 4, seed=1, shift=0.2)
+    cfg = MetricsConfig()
+
+    point = {**precision_recall(real, fake, cfg), **density_coverage(real, fake, cfg)}
+    intervals = {
+        **bootstrap_ci(real, fake, lambda r, f: precision_recall(r, f, cfg), rounds=30, seed=0),
+        **bootstrap_ci(real, fake, lambda r, f: density_coverage(r, f, cfg), rounds=30, seed=0),
+    }
+
+    for key, (low, high) in intervals.items():
+        assert low <= point[key] <= high, (key, low, point[key], high)
+
+
 def test_paired_same_sets_zero():
     real, fake = _gaussian(60, 3, seed=0), _gaussian(60, 3, seed=1)
 
