@@ -168,6 +168,9 @@ def main(cfg):
         model.autoencoder.to(device)
     s.disc = build_disc(cfg, model, device)
     s.disc_cfg = finetune.effective_disc_config(cfg.disc, s.disc)
+    if s.disc_cfg.mode != cfg.disc.mode:
+        run.log(f"note: adv.disc_ckpt={cfg.adv.disc_ckpt} holds a {s.disc_cfg.mode}-mode discriminator, which "
+                f"keeps its mode; disc.mode={cfg.disc.mode} is ignored")
     s.d_params = [p for p in s.disc.parameters() if p.requires_grad]
     s.trainable = finetune.select_trainable(model.unet, adv.trainable)
     gen = s.trainable.module.to(device).train()

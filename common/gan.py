@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import functools
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -325,7 +326,23 @@ class FakeFolder(FakeSource):
     def __init__(self, folder: str, resolution: int, resize_filter: str, eval_num: int, seed: int) -> None:
         super().__init__(seed)
         files = list_fake_files(folder)
-        images = np.stack([np.asarray(data.preprocess(data.open_rgb(f), resolution, resize_filter)) for f in files])
+        sizes, arrays = set(), []
+        for f in files:
+            img = data.open_rgb(f)
+            sizes.add(img.size)
+            arrays.append(np.asarray(data.preprocess(img, resolution, resize_filter)))
+        sizes = sorted(sizes)
+        if len(sizes) > 1:
+            raise data.ImageDataError(
+                f"disc.fakes={folder}: images of mixed sizes {sizes[:3]} (width, height); the discriminator "
+                "would learn the resize, not realism: use the samples of one model at one resolution"
+            )
+        if sizes[0] != (resolution, resolution):
+            warnings.warn(
+                f"disc.fakes={folder}: {sizes[0][0]}x{sizes[0][1]} images resized to data.resolution={resolution}; "
+                "the reals are resized with the same filter", stacklevel=2,
+            )
+        images = np.stack(arrays)
         images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
         train, held_out = held_out_split(len(files), eval_num, seed, f"disc.fakes={folder}")
         self.pool, self.eval_images = images[train], images[held_out]

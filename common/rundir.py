@@ -253,12 +253,7 @@ class RunDir:
         path = self.path / "config.yaml"
         if path.is_file() and path.read_text() != text:
             stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
-            kept = self.path / f"config.{stamp}.yaml"
-            number = 1
-            while kept.exists():
-                kept = self.path / f"config.{stamp}-{number}.yaml"
-                number += 1
-            os.replace(path, kept)
+            os.replace(path, _unused_path(self.path, f"config.{stamp}", ".yaml"))
         atomic_write_text(path, text)
 
     def _acquire_lock(self) -> None:
@@ -300,8 +295,15 @@ class RunDir:
         return sorted(found, key=lambda p: int(CKPT_PATTERN.match(p.name).group(1)))
 
     def resume_path(self, resume: str) -> Path | None:
-        """Resolve `resume: auto | none | PATH`; a PATH that does not exist is an error."""
+        """Resolve `resume: auto | none | PATH`; a PATH that does not exist is an error.
+
+        `none` in a run directory that already holds checkpoints moves them and the
+        step logs (*.jsonl) into `replaced-<time>/` first: a fresh run would otherwise
+        mix its steps with the old ones, and the pruning of old checkpoints could delete
+        the new ones.
+        """
         if resume == "none":
+            self._set_aside_previous_run()
             return None
         if resume == "auto":
             found = self.checkpoints()
@@ -310,6 +312,16 @@ class RunDir:
         if not path.is_file():
             raise RunDirError(f"resume={resume}: checkpoint not found; use resume=auto or resume=none to start fresh")
         return path
+
+    def _set_aside_previous_run(self) -> None:
+        if dist.is_main() and self.checkpoints():
+            target = _unused_path(self.path, f"replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            target.mkdir()
+            for old in [self.ckpt_dir, *sorted(self.path.glob("*.jsonl"))]:
+                os.replace(old, target / old.name)
+            self.ckpt_dir.mkdir()
+            self.log(f"resume=none: moved the previous checkpoints and step logs of {self.path} to {target}")
+        dist.barrier()
 
     def save(self, state: dict, step: int, keep_last: int) -> Path:
         """Write checkpoint `ckpt_<step>.pt` on rank 0, keep the newest `keep_last`; barrier after."""
@@ -357,6 +369,14 @@ class RunDir:
     def write_json(self, name: str, data: dict) -> None:
         if dist.is_main():
             atomic_write_text(self.path / name, json.dumps(data, indent=2) + "\n")
+
+
+def _unused_path(directory: Path, stem: str, suffix: str = "") -> Path:
+    """directory/stem+suffix, or directory/stem-N+suffix with the first N not yet taken."""
+    path, number = directory / f"{stem}{suffix}", 1
+    while path.exists():
+        path, number = directory / f"{stem}-{number}{suffix}", number + 1
+    return path
 
 
 def check_finite(step: int, **losses: torch.Tensor) -> None:

@@ -433,6 +433,25 @@ def test_changed_config_kept(tmp_path):
     assert "seed: 2" in (tmp_path / "config.yaml").read_text()
 
 
+def test_resume_none_sets_old_run_aside(tmp_path):
+    run = RunDir(load_config(REPO / TINY, [f"run_dir={tmp_path}"]), "test")
+    run.save({"w": torch.ones(2)}, step=30, keep_last=2)
+    run.append_jsonl("metrics.jsonl", {"step": 30, "loss": 1.0})
+
+    assert run.resume_path("none") is None
+
+    aside = list(tmp_path.glob("replaced-*"))
+    assert len(aside) == 1
+    assert (aside[0] / "checkpoints" / "ckpt_000030.pt").is_file()
+    assert json.loads((aside[0] / "metrics.jsonl").read_text())["step"] == 30
+    assert run.checkpoints() == []
+    assert not (tmp_path / "metrics.jsonl").exists()
+    # The fresh run's checkpoints are not pruned in favour of the old, later ones.
+    run.save({"w": torch.zeros(2)}, step=5, keep_last=1)
+    assert run.resume_path("auto") == tmp_path / "checkpoints" / "ckpt_000005.pt"
+    run.release()
+
+
 # --- safety audit of the sources --------------------------------------------------------------------
 
 

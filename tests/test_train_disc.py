@@ -142,6 +142,30 @@ def test_empty_fakes_rejected(tmp_path, tiny_config):
         gan.check_disc_config(cfg)
 
 
+def _write_pngs(folder: Path, sizes: list[int]) -> None:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, size in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:06d}.png")
+
+
+def test_fake_folder_mixed_sizes_rejected(tmp_path):
+    _write_pngs(tmp_path / "fakes", [16] * 5 + [32] * 5)
+
+    with pytest.raises(ImageDataError, match=r"disc.fakes=.*mixed sizes \[\(16, 16\), \(32, 32\)\]"):
+        gan.FakeFolder(str(tmp_path / "fakes"), 16, "lanczos", eval_num=2, seed=0)
+
+
+def test_fake_folder_resize_warns(tmp_path):
+    _write_pngs(tmp_path / "fakes", [32] * 6)
+
+    with pytest.warns(UserWarning, match="32x32 images resized to data.resolution=16"):
+        fakes = gan.FakeFolder(str(tmp_path / "fakes"), 16, "lanczos", eval_num=2, seed=0)
+
+    assert tuple(fakes.pool.shape) == (4, 3, 16, 16)
+    assert tuple(fakes.eval_images.shape) == (2, 3, 16, 16)
+
+
 def test_load_requires_noise_aware(pixel_run, noisy_run, tiny_config):
     cfg = load_config(tiny_config)
     with pytest.raises(DiscriminatorError, match="is a pixel-mode discriminator; discriminator guidance needs"):
