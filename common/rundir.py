@@ -297,7 +297,7 @@ class RunDir:
     def resume_path(self, resume: str) -> Path | None:
         """Resolve `resume: auto | none | PATH`; a PATH that does not exist is an error.
 
-        `none` in a run directory that already holds checkpoints moves them and the
+        `none` in a run directory that already contains checkpoints moves them and the
         step logs (*.jsonl) into `replaced-<time>/` first: a fresh run would otherwise
         mix its steps with the old ones, and the pruning of old checkpoints could delete
         the new ones.
