@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
 # The whole study on a folder of face images at 32 px on CPU, ending in one table:
-# baseline (DDIM), discriminator guidance (three weights), and adversarial
-# fine-tuning variants (chain through all steps, chain through the last K steps,
-# steps mode; output blocks vs LoRA), all sampled with the same seeds and the same
-# number of sampling steps, evaluated by 04_eval.py with bootstrap intervals.
+# baseline (DDIM), discriminator guidance, and adversarial fine-tuning variants
+# (chain through all steps, chain through the last K steps, steps mode; output blocks
+# vs LoRA), all sampled with the same seeds and the same number of sampling steps,
+# evaluated by 04_eval.py with bootstrap intervals.
 #
 #   bash recipe_faces.sh FACE_DIR [OUT_DIR] [key=value ...]
 #
-# Environment knobs (defaults sized for 2 CPU cores):
+# Environment knobs (defaults sized to finish within an hour on 2 CPU cores):
 #   MODEL=DIR         reuse a pretrained model folder instead of running 00_pretrain.py
-#   PRETRAIN_STEPS    00 steps (default 1500)
-#   NUM               images per evaluated set (default 500)
-#   FT_STEPS          generator steps per fine-tuning variant (default 60)
+#   PRETRAIN_STEPS    00 steps (default 1000)
+#   NUM               images per evaluated set (default 300)
+#   REAL_MAX          reference images for the metrics (default 1000)
+#   FT_STEPS          generator steps per fine-tuning variant (default 30)
+#   WEIGHTS           discriminator guidance weights (default [2])
 #   CONFIG            base config (default configs/celeba32_cpu.yaml; use
 #                     configs/celebahq256.yaml with MODEL unset on GPUs)
 #   PYTHON, LAUNCH    interpreter, or a launcher such as "torchrun --nproc_per_node=8"
+#   DRY_RUN=1         only check every stage's config (each prints it and exits)
+# The fine-tuning runs skip their own periodic evaluation (adv.eval_every=0): 04_eval.py
+# samples every exported model once with the seeds of the baseline. Reference statistics
+# are cached in OUT_DIR/cache, so a rerun into a new OUT_DIR pays for them again.
 set -euo pipefail
 cd "$(dirname "$0")"
 faces="${1:?usage: bash recipe_faces.sh FACE_DIR [OUT_DIR] [key=value ...]}"
@@ -22,35 +28,35 @@ out="${2:-runs/faces32}"
 shift $(( $# >= 2 ? 2 : 1 ))
 config="${CONFIG:-configs/celeba32_cpu.yaml}"
 launch="${LAUNCH:-${PYTHON:-python}}"
-num="${NUM:-500}"
-ft_steps="${FT_STEPS:-60}"
+num="${NUM:-300}"
+ft_steps="${FT_STEPS:-30}"
+weights="${WEIGHTS:-[2]}"
 start=$(date +%s)
-base=(data.root="$faces" sample.num="$num" "$@")
+base=(data.root="$faces" sample.num="$num" metrics.real_max="${REAL_MAX:-1000}" metrics.cache_dir="$out/cache"
+      metrics.c2st_steps=200 "$@")
 
 stage() {
   local name="$1"; shift
   echo
   echo "=== $name ($(( $(date +%s) - start )) s elapsed) ==="
-  $launch "$@"
+  $launch "$@" ${DRY_RUN:+--dry-run}
 }
 
 model="${MODEL:-$out/pretrain/model}"
 if [ -z "${MODEL:-}" ]; then
-  stage "00 pretrain" 00_pretrain.py "$config" run_dir="$out/pretrain" train.steps="${PRETRAIN_STEPS:-1500}" "${base[@]}"
+  stage "00 pretrain" 00_pretrain.py "$config" run_dir="$out/pretrain" train.steps="${PRETRAIN_STEPS:-1000}" "${base[@]}"
 fi
 stage "01 baseline (DDIM)" 01_baseline.py "$config" run_dir="$out/baseline" model.pretrained="$model" "${base[@]}"
-stage "02 pixel discriminator" 02_train_disc.py "$config" run_dir="$out/disc_pixel" model.pretrained="$model" \
-  disc.mode=pixel disc.fakes="$out/baseline/samples" "${base[@]}"
 stage "02 noise-aware discriminator" 02_train_disc.py "$config" run_dir="$out/disc_noisy" model.pretrained="$model" \
-  disc.mode=noisy disc.mbstd_group=0 disc.fakes="$out/baseline/samples" "${base[@]}"
+  disc.mode=noisy disc.mbstd_group=0 disc.fakes="$out/baseline/samples" disc.eval_num=$(( num / 3 )) "${base[@]}"
 stage "01 discriminator guidance sweep" 01_baseline.py "$config" run_dir="$out/guided" model.pretrained="$model" \
-  guidance.disc="$out/disc_noisy/disc_final.pt" "guidance.weights=[0.5,1,2]" "guidance.t_range=[0,600]" "${base[@]}"
+  guidance.disc="$out/disc_noisy/disc_final.pt" "guidance.weights=$weights" "guidance.t_range=[0,600]" "${base[@]}"
 
 finetune() {
   local name="$1"; shift
   stage "03 fine-tune: $name" 03_adv_finetune.py "$config" run_dir="$out/ft_$name" model.pretrained="$model" \
     adv.disc_ckpt="$out/disc_noisy/disc_final.pt" disc.mode=noisy disc.mbstd_group=0 adv.steps_total="$ft_steps" \
-    adv.eval_every="$ft_steps" "$@" "${base[@]}"
+    adv.eval_every=0 "$@" "${base[@]}"
 }
 finetune chain_all adv.mode=chain adv.grad_steps=all
 finetune chain_k2 adv.mode=chain adv.grad_steps=2
