@@ -21,6 +21,7 @@ grids/before_after.png, checkpoints/, and at the end the EMA model as a
 `DDPMPipeline` in model/ (LoRA merged; the adapter itself in lora_adapter/).
 """
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -51,9 +52,9 @@ def check_config(cfg) -> None:
     finetune.check_eval_metrics(adv.eval_metrics)
     if adv.mode == "steps" and not adv.feedback_t:
         raise finetune.FinetuneError("adv.feedback_t: steps mode needs at least one timestep, for example [200, 500]")
-    for key in ("batch_per_gpu", "steps_total", "log_every", "ckpt_every", "keep_last", "grid_size", "grad_steps_max"):
-        if getattr(adv, key) < 1:
-            raise finetune.FinetuneError(f"adv.{key}: must be at least 1, got {getattr(adv, key)}")
+    if adv.disc_ckpt and not Path(adv.disc_ckpt).is_file():
+        raise finetune.FinetuneError(f"adv.disc_ckpt={adv.disc_ckpt}: file not found; pass the disc_final.pt of a "
+                                     "02_train_disc.py run, or adv.disc_ckpt=null to start a fresh discriminator")
     gan.check_disc_config(cfg)
 
 
@@ -169,7 +170,7 @@ def main(cfg):
     s.disc = build_disc(cfg, model, device)
     s.disc_cfg = finetune.effective_disc_config(cfg.disc, s.disc)
     if s.disc_cfg.mode != cfg.disc.mode:
-        run.log(f"note: adv.disc_ckpt={cfg.adv.disc_ckpt} holds a {s.disc_cfg.mode}-mode discriminator, which "
+        run.log(f"note: adv.disc_ckpt={cfg.adv.disc_ckpt} contains a {s.disc_cfg.mode}-mode discriminator, which "
                 f"keeps its mode; disc.mode={cfg.disc.mode} is ignored")
     s.d_params = [p for p in s.disc.parameters() if p.requires_grad]
     s.trainable = finetune.select_trainable(model.unet, adv.trainable)

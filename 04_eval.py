@@ -58,10 +58,31 @@ def find_entries(cfg, run):
             entries += [(f"{label}/{p.name}", p, p / "samples") for p in sweep]
         elif (path / "model").is_dir():
             entries.append((label, path, path / "model"))
+        elif (path / "config.yaml").is_file() or (path / "checkpoints").is_dir():
+            raise data.ImageDataError(
+                f"run {raw} has no samples/ or model/ (a 02 discriminator run, or a 00 or 03 run stopped before "
+                "its export); pass the run of 01_baseline.py, a finished 00 or 03 run, or a folder of images"
+            )
         else:
             data.list_image_files(path)  # raises a clear error for a folder without images
             entries.append((label, None, path))
+    for label, _, folder in entries:
+        check_entry_size(cfg, label, folder)
     return entries
+
+
+def check_entry_size(cfg, label, folder):
+    """Stop before any work when an entry's images are not data.resolution pixels square."""
+    if folder.name == "model":
+        return  # load_model compares the model's image size with data.resolution
+    first = data.list_image_files(folder)[0]
+    with data.open_rgb(first) as img:
+        size = img.size
+    if size != (cfg.data.resolution, cfg.data.resolution):
+        raise data.ImageDataError(
+            f"{label}: {first} is {size[0]}x{size[1]} px but data.resolution={cfg.data.resolution}; evaluate "
+            "each resolution in its own 04_eval.py run with the matching data.resolution"
+        )
 
 
 def sample_model(cfg, model_dir, out_dir, device):
@@ -170,8 +191,9 @@ def write_paired(cfg, real, fakes, rows, run):
                 lines.append(f"| {label} | {key} | {value['delta']:+.4g} | [{value['low']:+.4g}, {value['high']:+.4g}] |")
     run.write_json("paired.json", {"baseline": base_label, "differences": paired})
     lines.append("\nPercentile bootstrap over both sets with the same resampled rows. Resampling duplicates "
-                 "images, which biases FID, KID and the k-NN metrics, so an interval can miss its point "
-                 "estimate when the difference is small; read such a difference as not significant.")
+                 "images, which biases FID upwards, so its interval can miss the point estimate when the "
+                 "difference is small; read such a difference as not significant. KID leaves out pairs of "
+                 "copies, and the k-NN metrics keep the balls of the full sets.")
     report.atomic_write_text(run.path / "paired.md", "\n".join(lines) + "\n")
 
 

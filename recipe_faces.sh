@@ -14,6 +14,8 @@
 #   REAL_MAX          reference images for the metrics (default 1000)
 #   FT_STEPS          generator steps per fine-tuning variant (default 30)
 #   WEIGHTS           discriminator guidance weights (default [2])
+#   BATCH             sample.batch_per_gpu (default 150 with the CPU config, so that the 300
+#                     images run as two batches in parallel on 2 cores; else the config's)
 #   CONFIG            base config (default configs/celeba32_cpu.yaml; use
 #                     configs/celebahq256.yaml with MODEL unset on GPUs)
 #   PYTHON, LAUNCH    interpreter, or a launcher such as "torchrun --nproc_per_node=8"
@@ -32,8 +34,10 @@ num="${NUM:-300}"
 ft_steps="${FT_STEPS:-30}"
 weights="${WEIGHTS:-[2]}"
 start=$(date +%s)
+batch="${BATCH:-}"
+if [ -z "$batch" ] && [ "$config" = configs/celeba32_cpu.yaml ]; then batch=150; fi
 base=(data.root="$faces" sample.num="$num" metrics.real_max="${REAL_MAX:-1000}" metrics.cache_dir="$out/cache"
-      metrics.c2st_steps=200 "$@")
+      metrics.c2st_steps=200 ${batch:+sample.batch_per_gpu=$batch} "$@")
 
 stage() {
   local name="$1"; shift

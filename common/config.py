@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -368,6 +369,15 @@ def _check_dotted_key(dotted: str) -> None:
         cls = typing.get_type_hints(cls)[part]
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Format a YAML syntax error as one line: the problem, then its line and column (1-based)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return problem
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Split `a.b=value`; the value is read as YAML, so `[1, 2]`, `true` and `null` work.
 
@@ -382,7 +392,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
-        raise ConfigError(f"invalid value in override '{text}': {error}") from None
+        raise ConfigError(f"invalid value in override '{text}': {_yaml_problem(error)}") from None
     return key, value
 
 
@@ -396,18 +406,23 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"invalid YAML in {path}: {error}") from None
+            raise ConfigError(f"invalid YAML in {path}: {_yaml_problem(error)}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(tree).__name__}")
+    overridden = []
     for text in overrides:
         key, value = parse_override(text)
         _check_dotted_key(key)
         _set_dotted(tree, key, value)
-    where = f" (in {path})" if path is not None else ""
+        overridden.append(key)
     try:
         cfg = _build(Config, tree, "")
     except ConfigError as error:
-        raise ConfigError(f"{error}{where}") from None
+        # The message starts with the dotted key; name where its value came from.
+        bad_key = str(error).split(":", 1)[0]
+        if any(bad_key == k or bad_key.startswith(k + ".") for k in overridden):
+            raise ConfigError(f"{error} (from the command line)") from None
+        raise ConfigError(f"{error} (in {path})" if path is not None else str(error)) from None
     validate(cfg)
     return cfg
 
@@ -436,20 +451,73 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: invalid value {value!r}; expected one of {', '.join(allowed)}")
     positive = {
         "data.resolution": cfg.data.resolution,
+        "train.steps": cfg.train.steps,
         "train.batch_per_gpu": cfg.train.batch_per_gpu,
         "train.grad_accum": cfg.train.grad_accum,
+        "train.log_every": cfg.train.log_every,
+        "train.ckpt_every": cfg.train.ckpt_every,
+        "train.keep_last": cfg.train.keep_last,
+        "train.grid_size": cfg.train.grid_size,
+        "train.grid_steps": cfg.train.grid_steps,
         "sample.batch_per_gpu": cfg.sample.batch_per_gpu,
         "sample.steps": cfg.sample.steps,
-        "adv.steps": cfg.adv.steps,
         "metrics.batch_size": cfg.metrics.batch_size,
-        "train.keep_last": cfg.train.keep_last,
+        "metrics.kid_subset_size": cfg.metrics.kid_subset_size,
+        "metrics.kid_subsets": cfg.metrics.kid_subsets,
+        "metrics.is_splits": cfg.metrics.is_splits,
+        "metrics.pr_k": cfg.metrics.pr_k,
+        "metrics.dc_k": cfg.metrics.dc_k,
+        "metrics.c2st_batch": cfg.metrics.c2st_batch,
+        "disc.steps": cfg.disc.steps,
+        "disc.batch_per_gpu": cfg.disc.batch_per_gpu,
+        "disc.log_every": cfg.disc.log_every,
+        "disc.ckpt_every": cfg.disc.ckpt_every,
+        "disc.keep_last": cfg.disc.keep_last,
+        "disc.t_buckets": cfg.disc.t_buckets,
+        "disc.r1_every": cfg.disc.r1_every,
+        "adv.steps": cfg.adv.steps,
+        "adv.d_steps": cfg.adv.d_steps,
+        "adv.batch_per_gpu": cfg.adv.batch_per_gpu,
+        "adv.steps_total": cfg.adv.steps_total,
+        "adv.log_every": cfg.adv.log_every,
+        "adv.ckpt_every": cfg.adv.ckpt_every,
+        "adv.keep_last": cfg.adv.keep_last,
+        "adv.grid_size": cfg.adv.grid_size,
+        "adv.grad_steps_max": cfg.adv.grad_steps_max,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
+    # 0 disables each of these.
+    not_negative = {
+        "train.sample_every": cfg.train.sample_every,
+        "train.warmup_steps": cfg.train.warmup_steps,
+        "train.grad_clip": cfg.train.grad_clip,
+        "train.weight_decay": cfg.train.weight_decay,
+        "metrics.bootstrap": cfg.metrics.bootstrap,
+        "metrics.c2st_steps": cfg.metrics.c2st_steps,
+        "disc.eval_every": cfg.disc.eval_every,
+        "disc.mbstd_group": cfg.disc.mbstd_group,
+        "disc.r1_gamma": cfg.disc.r1_gamma,
+        "adv.eval_every": cfg.adv.eval_every,
+        "adv.grad_clip": cfg.adv.grad_clip,
+        "adv.lambda_adv": cfg.adv.lambda_adv,
+        "adv.lambda_dsm": cfg.adv.lambda_dsm,
+        "adv.lambda_l2": cfg.adv.lambda_l2,
+    }
+    for key, value in not_negative.items():
+        if not 0 <= value < math.inf:
+            raise ConfigError(f"{key}: must be a finite number >= 0 (0 disables it), got {value}")
     for key, value in {"train.lr": cfg.train.lr, "disc.lr": cfg.disc.lr, "adv.lr": cfg.adv.lr}.items():
-        if not value >= 0:  # 0 is allowed: it freezes that network
-            raise ConfigError(f"{key}: the learning rate must not be negative, got {value}")
+        if not 0 <= value < math.inf:  # 0 is allowed: it freezes that network
+            raise ConfigError(f"{key}: the learning rate must be a finite number >= 0, got {value}")
+    for key, value in {"train.ema_decay": cfg.train.ema_decay, "adv.ema_decay": cfg.adv.ema_decay}.items():
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key}: must be in [0, 1), got {value}")
+    resolution = cfg.data.resolution
+    if resolution < 8 or resolution & (resolution - 1):
+        # The discriminators halve the image down to 4 x 4, so 02 and 03 need a power of two.
+        raise ConfigError(f"data.resolution: must be a power of two >= 8 (16, 32, 64, 256, ...), got {resolution}")
     if cfg.model.pretrained is None:
         # Each down block but the last halves the resolution, and the up path must restore it.
         factor = 2 ** (len(cfg.model.unet.block_out_channels) - 1)

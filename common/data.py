@@ -40,7 +40,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.distributed as torch_dist
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import dist
@@ -108,7 +108,13 @@ def list_image_files(root: str | Path) -> list[str]:
 
     if root.is_dir():
         relatives = []
+        visited = set()  # (device, inode) of every folder walked: a symlink loop is entered once
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            stat = os.stat(dirpath)
+            if (stat.st_dev, stat.st_ino) in visited:
+                dirnames[:] = []
+                continue
+            visited.add((stat.st_dev, stat.st_ino))
             # Pruning hidden folders here keeps os.walk out of .git, .cache and similar trees.
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             base = Path(dirpath).relative_to(root)
@@ -234,6 +240,8 @@ def open_rgb(path: str) -> Image.Image:
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)
     except _DECODE_ERRORS as error:
+        if isinstance(error, UnidentifiedImageError):
+            raise ImageDataError(f"failed to decode image {path}: not a recognised image format") from None
         raise ImageDataError(f"failed to decode image {path}: {type(error).__name__}: {error}") from None
 
 

@@ -14,10 +14,11 @@ eps back to the model's prediction type, so epsilon, v and x0 models all work.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
-from .config import Config
+from .config import Config, ConfigError
 from .diffusion import _gather
 
 
@@ -30,6 +31,7 @@ class DiscriminatorGuidance:
         self.alphas_cumprod = alphas_cumprod.float()
         self.weight = float(weight)
         self.t_min, self.t_max = int(t_range[0]), int(t_range[1])
+        self.source: str | None = None  # path of the discriminator file, recorded with the samples
         self.calls = 0  # discriminator forward + backward passes, one per guided step and batch
         self.seconds = 0.0
 
@@ -60,10 +62,16 @@ def build_guidance(cfg: Config, alphas_cumprod: torch.Tensor, weight: float, dev
     """The guidance hook of the `guidance` config block, or None when it is off."""
     if cfg.guidance.disc is None:
         if weight != 0.0 or cfg.guidance.weights:
-            raise ValueError("guidance.weight is set but guidance.disc is not; "
+            raise ConfigError("guidance.weight is set but guidance.disc is not; "
                              "pass guidance.disc=RUN/disc_final.pt from 02_train_disc.py with disc.mode=noisy")
         return None
     from .gan import load_disc_checkpoint
 
+    if not Path(cfg.guidance.disc).is_file():
+        raise ConfigError(f"guidance.disc={cfg.guidance.disc}: file not found; pass the disc_final.pt of a "
+                         "02_train_disc.py run with disc.mode=noisy")
+
     disc = load_disc_checkpoint(cfg.guidance.disc, cfg, unet=unet, require_noise_aware=True).to(device)
-    return DiscriminatorGuidance(disc, alphas_cumprod, weight, tuple(cfg.guidance.t_range))
+    guidance = DiscriminatorGuidance(disc, alphas_cumprod, weight, tuple(cfg.guidance.t_range))
+    guidance.source = cfg.guidance.disc
+    return guidance

@@ -677,14 +677,42 @@ def frechet_distance_fast(real: Features, fake: Features) -> float:
     return float(distance)
 
 
-def _polynomial_mmd2(x: np.ndarray, y: np.ndarray) -> float:
-    """Unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3 (Binkowski et al. 2018)."""
-    m, dim = x.shape
-    k_xx = (x @ x.T / dim + 1) ** 3
-    k_yy = (y @ y.T / dim + 1) ** 3
+def _polynomial_mmd2(x: np.ndarray, y: np.ndarray, x_origin: np.ndarray | None = None,
+                     y_origin: np.ndarray | None = None) -> float:
+    """Unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3 (Binkowski et al. 2018); x and y may differ in size.
+
+    The within-set means skip each pair of a point with itself, and with `*_origin` (the
+    original rows of a bootstrap resample) also each pair of two copies of one point.
+    """
+    dim = x.shape[1]
+
+    def within(a: np.ndarray, origin: np.ndarray | None) -> float:
+        kernel = (a @ a.T / dim + 1) ** 3
+        same = np.eye(len(a), dtype=bool) if origin is None else origin[:, None] == origin[None, :]
+        return float(kernel[~same].mean())
+
     k_xy = (x @ y.T / dim + 1) ** 3
-    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
-    return float(within - 2 * k_xy.sum() / (m * m))
+    return within(x, x_origin) + within(y, y_origin) - 2 * float(k_xy.mean())
+
+
+def _kid_round(real: Features, fake: Features, mcfg: Any) -> dict[str, float]:
+    """KID for one bootstrap round: one MMD^2 over the whole resamples instead of many subsets.
+
+    Each round already redraws the images, so averaging subsets inside it would only
+    multiply the cost (by metrics.kid_subsets). Sets above 4 x metrics.kid_subset_size
+    rows are cut to a random subset of that size to bound the kernel matrices.
+    """
+    cap = 4 * mcfg.kid_subset_size
+    rng = np.random.default_rng(mcfg.seed)
+    rows = []
+    for features in (real, fake):
+        index = np.arange(len(features))
+        if len(index) > cap:
+            index = np.sort(rng.choice(len(index), cap, replace=False))
+        origin = None if features.origin is None else features.origin[index]
+        rows.append((features.pool[index].astype(np.float64), origin))
+    (x, x_origin), (y, y_origin) = rows
+    return {"kid": _polynomial_mmd2(x, y, x_origin, y_origin)}
 
 
 def kid(real: Features, fake: Features, cfg: Any = None) -> dict[str, float]:
@@ -893,11 +921,13 @@ def compute_metrics(
 
 
 def metric_function(name: str, mcfg: Any) -> Callable[[Features, Features], dict[str, float]]:
-    """The metric as a function of two feature sets, for bootstrap rounds (FID by its fast form)."""
+    """The metric as a function of two feature sets, for bootstrap rounds (FID by its fast form, KID by `_kid_round`)."""
 
     def metric(real: Features, fake: Features) -> dict[str, float]:
         if name == "fid":
             return {"fid": frechet_distance_fast(real, fake)}
+        if name == "kid":
+            return _kid_round(real, fake, mcfg)
         return METRICS[name](real, fake, mcfg)
 
     return metric

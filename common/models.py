@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DModel, VQModel
 
 from . import dist
-from .config import Config, ModelConfig
+from .config import Config, ConfigError, ModelConfig
 
 
 class ModelUnavailableError(RuntimeError):
@@ -42,6 +42,15 @@ class DiffusionModel:
         cfg = self.unet.config
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         return (cfg.in_channels, size, size)
+
+    @property
+    def image_size(self) -> int:
+        """Side in pixels of the images the model generates (after decoding, for a latent model)."""
+        size = self.sample_shape[1]
+        if self.autoencoder is None:
+            return size
+        # diffusers' VQ and KL autoencoders downsample by 2 between consecutive blocks.
+        return size * 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Map final samples to images in [-1, 1]; the identity for pixel models."""
@@ -139,6 +148,18 @@ def resolve_model_dir(model_cfg: ModelConfig, global_offline: bool = False) -> P
     return Path(path)
 
 
+def _read_part(path: Path, load):
+    """Run `load()`; a damaged file becomes a ModelUnavailableError naming `path`."""
+    try:
+        return load()
+    except (OSError, ValueError, EnvironmentError) as error:
+        first = (str(error).splitlines() or [type(error).__name__])[0][:300]
+        raise ModelUnavailableError(
+            f"failed to load {path} ({type(error).__name__}: {first}); the model folder is damaged or incomplete: "
+            "export or download it again"
+        ) from None
+
+
 def _load_folder(folder: Path) -> DiffusionModel:
     """Load `unet/` + `scheduler/` (+ `vqvae/` or `vae/`) or a bare UNet2DModel folder."""
     if (folder / "unet").is_dir():
@@ -149,24 +170,24 @@ def _load_folder(folder: Path) -> DiffusionModel:
         raise ModelUnavailableError(
             f"{folder} is not a diffusers model folder: expected unet/config.json (a pipeline) or config.json"
         )
-    config = json.loads((unet_dir / "config.json").read_text())
+    config = _read_part(unet_dir / "config.json", lambda: json.loads((unet_dir / "config.json").read_text()))
     if config.get("_class_name") not in (None, "UNet2DModel"):
         raise ModelUnavailableError(
             f"{unet_dir}: U-Net class {config.get('_class_name')} is not supported; expected UNet2DModel"
         )
-    unet = UNet2DModel.from_pretrained(unet_dir)
+    unet = _read_part(unet_dir, lambda: UNet2DModel.from_pretrained(unet_dir))
     sched_dir = folder / "scheduler"
     if sched_dir.is_dir():
-        scheduler = DDPMScheduler.from_pretrained(sched_dir)
+        scheduler = _read_part(sched_dir, lambda: DDPMScheduler.from_pretrained(sched_dir))
     elif (folder / "scheduler_config.json").is_file():
-        scheduler = DDPMScheduler.from_pretrained(folder)
+        scheduler = _read_part(folder / "scheduler_config.json", lambda: DDPMScheduler.from_pretrained(folder))
     else:
         raise ModelUnavailableError(f"{folder}: no scheduler/ folder or scheduler_config.json found")
     autoencoder = None
     if (folder / "vqvae").is_dir():
-        autoencoder = VQModel.from_pretrained(folder / "vqvae")
+        autoencoder = _read_part(folder / "vqvae", lambda: VQModel.from_pretrained(folder / "vqvae"))
     elif (folder / "vae").is_dir():
-        autoencoder = AutoencoderKL.from_pretrained(folder / "vae")
+        autoencoder = _read_part(folder / "vae", lambda: AutoencoderKL.from_pretrained(folder / "vae"))
     if autoencoder is not None:
         autoencoder.requires_grad_(False).eval()
     return DiffusionModel(unet=unet, scheduler=scheduler, autoencoder=autoencoder, source=str(folder))
@@ -179,6 +200,12 @@ def load_model(cfg: Config) -> DiffusionModel:
     folder = resolve_model_dir(cfg.model, cfg.offline)
     model = _load_folder(folder)
     model.source = cfg.model.pretrained
+    if model.image_size != cfg.data.resolution:
+        raise ConfigError(
+            f"model.pretrained={cfg.model.pretrained} generates {model.image_size} px images but "
+            f"data.resolution={cfg.data.resolution}; set data.resolution={model.image_size}, so that real and "
+            "generated images are compared at one size"
+        )
     return model
 
 

@@ -87,6 +87,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -123,6 +124,9 @@ def load_checkpoint(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "Weights only load failed" in str(error):
+            # torch's own advice (weights_only=False) would run arbitrary pickled code.
+            first = "it contains Python objects that a safe load (weights_only=True) does not read"
         raise RunDirError(f"{path} is not a readable checkpoint of this tool (corrupt, truncated, or another "
                           f"format): {first}") from None
 

@@ -16,6 +16,8 @@ and a process with T threads runs T batches at once in a thread pool: the PNGs o
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +29,7 @@ from tqdm import tqdm
 from . import data, dist
 from .diffusion import Sampler
 from .models import DiffusionModel
+from .rundir import atomic_write_text
 
 
 def rank_chunks(num: int, batch: int) -> list[list[int]]:
@@ -42,14 +45,71 @@ def generate_batch(model: DiffusionModel, sampler: Sampler, seeds: list[int], de
         return model.decode(z).clamp(-1, 1)
 
 
+SETTINGS_FILE = ".sample_settings.json"  # in the sample folder; image listings skip it (not an image)
+
+
+def _file_fingerprint(source: str | None) -> list | None:
+    """(relative path, size, mtime in ns) of a local file or of every file of a folder; None for a hub id."""
+    path = Path(source) if source else None
+    if path is None or not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    entries = []
+    for file in files:
+        stat = file.stat()
+        entries.append([file.name if file == path else str(file.relative_to(path)), stat.st_size, stat.st_mtime_ns])
+    return entries
+
+
+def sample_settings(model: DiffusionModel, sampler: Sampler, batch: int, seed: int) -> dict:
+    """Everything that decides the bytes of a sample set, recorded next to its PNGs."""
+    guidance = sampler.guidance
+    return {
+        "model": str(Path(model.source).resolve()) if Path(model.source).exists() else model.source,
+        "model_files": _file_fingerprint(model.source),
+        "sampler": {"kind": sampler.kind, "timesteps": sampler.timesteps, "eta": sampler.eta},
+        "seed": seed,
+        "batch_per_gpu": batch,  # CPU and GPU kernels may round differently for another batch shape
+        "guidance": None if guidance is None else {
+            "weight": guidance.weight, "t_range": [guidance.t_min, guidance.t_max],
+            "disc": guidance.source, "disc_file": _file_fingerprint(guidance.source),
+        },
+    }
+
+
+def _claim_sample_dir(out_dir: Path, settings: dict) -> None:
+    """Keep the PNGs of out_dir only if the same settings wrote them; otherwise move them aside.
+
+    Reusing them would evaluate another model's images under this run's name. Rank 0
+    moves the old folder to `<out_dir>.replaced-<time>`, so nothing is lost.
+    """
+    if dist.is_main():
+        record = out_dir / SETTINGS_FILE
+        has_images = out_dir.is_dir() and any(p.suffix == ".png" for p in out_dir.iterdir())
+        settings = json.loads(json.dumps(settings))  # tuples become lists, as in the file
+        if has_images and record.is_file() and json.loads(record.read_text()) != settings:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            target = out_dir.with_name(f"{out_dir.name}.replaced-{stamp}")
+            os.replace(out_dir, target)
+            print(f"{out_dir} contained samples of other settings (model, sampler, seed or guidance); "
+                  f"moved them to {target}", flush=True)
+        elif has_images and not record.is_file():
+            # NOTE: folders written before the settings record existed are trusted as they are.
+            print(f"{out_dir} has no {SETTINGS_FILE}; its images are kept and reused as they are", flush=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, json.dumps(settings, indent=1) + "\n")
+    dist.barrier()
+
+
 def write_samples(model: DiffusionModel, sampler: Sampler, num: int, batch: int, seed: int,
                   out_dir: Path, device: torch.device) -> dict:
     """Write `num` PNGs `out_dir/000000.png` ... over all ranks; returns timing on rank 0.
 
-    Images already on disk from an interrupted run are kept, and their chunks are
-    skipped, so a rerun only generates what is missing.
+    Images already on disk from an interrupted run with the same settings are kept,
+    and their chunks are skipped, so a rerun only generates what is missing. Images
+    of other settings are moved aside first (see `_claim_sample_dir`).
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _claim_sample_dir(out_dir, sample_settings(model, sampler, batch, seed))
     chunks = rank_chunks(num, batch)
     todo = [c for c in chunks if not all((out_dir / f"{i:06d}.png").exists() for i in c)]
     start = time.perf_counter()

@@ -275,11 +275,11 @@ def test_disc_checkpoint_is_used(tiny_config, tiny_model, tmp_path):
     torch.manual_seed(3)
     disc = build_discriminator(cfg.disc, cfg.data.resolution)
     gan.save_disc_checkpoint(tmp_path / "disc_final.pt", disc, cfg)
-    # The file holds a pixel-mode D; a config asking for noisy mode gets a note, not a silent switch.
+    # The file contains a pixel-mode D; a config asking for noisy mode gets a note, not a silent switch.
     result = run_stage("03_adv_finetune.py", str(tiny_config), f"run_dir={tmp_path / 'run'}",
                        f"model.pretrained={tiny_model}", f"adv.disc_ckpt={tmp_path / 'disc_final.pt'}",
                        "adv.steps_total=1", "adv.probe=false", "adv.eval_every=0", "disc.lr=0", "disc.mode=noisy", *FAST)
-    assert "holds a pixel-mode discriminator, which keeps its mode; disc.mode=noisy is ignored" in result.stdout
+    assert "contains a pixel-mode discriminator, which keeps its mode; disc.mode=noisy is ignored" in result.stdout
     saved = final_state(tmp_path / "run")["disc"]
     for key, value in disc.state_dict().items():
         assert torch.allclose(saved[key], value), key

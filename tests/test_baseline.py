@@ -44,7 +44,8 @@ def test_baseline_writes_samples_grid_and_eval(tiny_config, tiny_model, tmp_path
     run = tmp_path / "b"
     run_stage("01_baseline.py", str(tiny_config), f"run_dir={run}", f"model.pretrained={tiny_model}",
               "sample.save_npz=true", *FAST)
-    assert sorted(p.name for p in (run / "samples").iterdir()) == [f"{i:06d}.png" for i in range(6)]
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == [f"{i:06d}.png" for i in range(6)]
+    assert json.loads((run / "samples" / ".sample_settings.json").read_text())["seed"] == 0
     assert (run / "grid.png").stat().st_size > 0
     assert (run / "config.yaml").is_file()
     import numpy as np
@@ -73,6 +74,27 @@ def test_two_processes_write_identical_pngs(tiny_config, tiny_model, tmp_path):
     two = json.loads((tmp_path / "two" / "eval.json").read_text())
     assert two["world_size"] == 2
     assert one["metrics"]["fid"]["value"] == pytest.approx(two["metrics"]["fid"]["value"], rel=1e-6)
+
+
+def test_other_settings_set_samples_aside(tiny_config, tiny_model, tmp_path):
+    from common.sampling import write_samples
+
+    cfg = load_config(tiny_config, [f"model.pretrained={tiny_model}"])
+    model = load_model(cfg)
+    sampler = Sampler(model.unet, model.scheduler, "ddim", 2, 0.0)
+    out = tmp_path / "samples"
+    write_samples(model, sampler, 2, 2, seed=0, out_dir=out, device=torch.device("cpu"))
+    first = (out / "000000.png").read_bytes()
+
+    same = write_samples(model, sampler, 2, 2, seed=0, out_dir=out, device=torch.device("cpu"))
+    other = write_samples(model, sampler, 2, 2, seed=5, out_dir=out, device=torch.device("cpu"))
+
+    assert same["generated"] == 0  # the same settings reuse the images
+    assert other["generated"] == 2
+    aside = list(tmp_path.glob("samples.replaced-*"))
+    assert len(aside) == 1
+    assert (aside[0] / "000000.png").read_bytes() == first
+    assert (out / "000000.png").read_bytes() != first
 
 
 def test_sample_dir_evaluates_without_model(tiny_config, tiny_model, tmp_path):

@@ -90,3 +90,44 @@ def test_cli_error_is_one_line(tiny_config):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0
     assert "did you mean 'train.steps'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.steps=0", "train.steps: must be at least 1, got 0"),
+        ("train.log_every=0", "train.log_every: must be at least 1"),
+        ("disc.steps=-1", "disc.steps: must be at least 1"),
+        ("adv.steps_total=0", "adv.steps_total: must be at least 1"),
+        ("metrics.kid_subset_size=0", "metrics.kid_subset_size: must be at least 1"),
+        ("train.grad_clip=-1", "train.grad_clip: must be a finite number >= 0"),
+        ("train.lr=.inf", "train.lr: the learning rate must be a finite number >= 0"),
+        ("train.ema_decay=2", "train.ema_decay: must be in [0, 1)"),
+        ("data.resolution=24", "data.resolution: must be a power of two >= 8"),
+        ("data.resolution=4", "data.resolution: must be a power of two >= 8"),
+    ],
+)
+def test_out_of_range_values_rejected(tiny_config, override, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(tiny_config, [override])
+
+    assert message in str(caught.value)
+
+
+def test_yaml_syntax_error_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  resolution: [16\nmodel: {\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(bad)
+
+    assert str(bad) in str(caught.value)
+    assert "at line 3, column 6" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_override_error_blames_command_line(tiny_config):
+    with pytest.raises(ConfigError) as caught:
+        load_config(tiny_config, ["data.resolution=16.5"])
+
+    assert str(caught.value).endswith("(from the command line)")

@@ -78,6 +78,19 @@ def test_listing_sorted_recursive(tmp_path):
     assert relative == ["a.JPG", "b/10.jpeg", "b/2.PNG", "c.webp", "d.bmp"]
 
 
+def test_listing_symlink_loop_once(tmp_path):
+    root = tmp_path / "data"
+    _write_rgb(root / "a.png")
+    _write_rgb(root / "sub" / "b.png")
+    (root / "sub" / "up").symlink_to(root)  # a loop back to the top
+    (root / "alias").symlink_to(root / "sub")  # a second name for one folder
+
+    files = list_image_files(root)
+
+    assert len(files) == 2
+    assert sorted(Path(f).name for f in files) == ["a.png", "b.png"]
+
+
 def test_listing_empty_folder(tmp_path):
     (tmp_path / "readme.txt").write_text("no images here")
     with pytest.raises(ImageDataError, match="no images found"):

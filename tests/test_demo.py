@@ -28,3 +28,18 @@ def test_demo_script_prints_table(tmp_path):
     assert table.splitlines()[0] in result.stdout  # the table is printed at the end
     for path in ("baseline/grid.png", "finetune/model/model_index.json", "eval/grids/pair_finetune.png"):
         assert (out / path).exists(), path
+
+
+def test_recipe_stage_configs_valid(tmp_path):
+    import sys
+
+    faces = tmp_path / "faces"
+    faces.mkdir()  # --dry-run stops before any stage reads it
+    result = subprocess.run(["bash", str(REPO / "recipe_faces.sh"), str(faces), str(tmp_path / "out")], cwd=REPO,
+                            capture_output=True, text=True, timeout=300,
+                            env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "DRY_RUN": "1",
+                                 "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    stages = [line for line in result.stdout.splitlines() if line.startswith("=== ")]
+    assert len(stages) == 10, stages
+    assert "trainable:\n    lora:" in result.stdout  # the LoRA variant's nested override parsed

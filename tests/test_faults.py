@@ -354,6 +354,55 @@ def test_pixel_disc_guidance(tmp_path, pretrain_ref, disc_ref, eval_args, capsys
     assert_user_error(result, "pixel-mode discriminator", "disc.mode=noisy")
 
 
+def test_eval_run_without_samples(tmp_path, eval_args, capsys):
+    run_dir = tmp_path / "disc_run"
+    write_images(run_dir / "grids", [(16, 16)] * 2)  # grids are not samples
+    (run_dir / "config.yaml").write_text("seed: 0\n")
+    result = run_in_process("04_eval.py", TINY, f"run_dir={tmp_path / 'eval'}", f"runs=[{run_dir}]", *eval_args,
+                            capsys=capsys)
+    assert_user_error(result, f"run {run_dir} has no samples/ or model/")
+
+
+def test_eval_size_checked_first(tmp_path, eval_args, capsys):
+    small = write_images(tmp_path / "small", [(16, 16)] * 6)
+    large = write_images(tmp_path / "large", [(32, 32)] * 6)
+    result = run_in_process("04_eval.py", TINY, f"run_dir={tmp_path / 'eval'}", f"runs=[{small},{large}]",
+                            *eval_args, capsys=capsys)
+    assert_user_error(result, "large: ", "is 32x32 px but data.resolution=16")
+    assert "inception features" not in result.stderr  # stopped before any feature pass
+
+
+def test_model_resolution_mismatch(tmp_path, pretrain_ref, eval_args, capsys):
+    result = run_in_process("01_baseline.py", TINY, f"run_dir={tmp_path / 'run'}", "data.resolution=32",
+                            f"model.pretrained={pretrain_ref / 'model'}", *eval_args, capsys=capsys)
+    assert_user_error(result, "generates 16 px images but data.resolution=32", "set data.resolution=16")
+
+
+@pytest.mark.parametrize("damage", ["config", "weights"])
+def test_damaged_model_folder(tmp_path, pretrain_ref, eval_args, capsys, damage):
+    model = tmp_path / "model"
+    shutil.copytree(pretrain_ref / "model", model)
+    if damage == "config":
+        target = model / "unet" / "config.json"
+        target.write_text(target.read_text().replace('"', "'", 3))
+    else:
+        target = model / "unet" / "diffusion_pytorch_model.safetensors"
+        target.write_bytes(target.read_bytes()[:100])
+    result = run_in_process("01_baseline.py", TINY, f"run_dir={tmp_path / 'run'}", f"model.pretrained={model}",
+                            *eval_args, capsys=capsys)
+    assert_user_error(result, "failed to load", "export or download it again")
+
+
+def test_checkpoint_file_mode(tmp_path):
+    from common.rundir import atomic_torch_save
+
+    atomic_torch_save({"w": torch.ones(1)}, tmp_path / "ckpt.pt")
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "ckpt.pt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_model_offline(existing_run, tmp_path):
     hub = tmp_path / "hf"
     hub.mkdir()

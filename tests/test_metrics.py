@@ -531,6 +531,34 @@ def test_kid_subset_mean():
     assert result["kid_std"] > 0
 
 
+def test_kid_round_skips_copies():
+    x = np.random.default_rng(0).normal(size=(5, 3))
+    y = np.random.default_rng(1).normal(size=(4, 3))
+    rows = np.array([0, 0, 2, 3, 3])  # a resample with two duplicated points
+    cfg = MetricsConfig(kid_subset_size=100)
+
+    round_value = metrics.metric_function("kid", cfg)(_feats(x).take(rows), _feats(y))["kid"]
+
+    # Pairs of copies of one point are left out like the pairs of a point with itself.
+    dim, xr = 3, x[rows]
+    k_xx = (xr @ xr.T / dim + 1) ** 3
+    distinct = rows[:, None] != rows[None, :]
+    k_yy = (y @ y.T / dim + 1) ** 3
+    expected = (k_xx[distinct].mean() + (k_yy.sum() - np.trace(k_yy)) / (4 * 3)
+                - 2 * ((xr @ y.T / dim + 1) ** 3).mean())
+    assert round_value == pytest.approx(expected, rel=1e-12)
+
+
+def test_kid_bootstrap_contains_estimate():
+    real, fake = _gaussian(200, 4, seed=0), _gaussian(150, 4, seed=1, shift=0.3)
+    cfg = MetricsConfig(kid_subset_size=1000)
+
+    point = kid(real, fake, cfg)["kid"]
+    low, high = bootstrap_ci(real, fake, metrics.metric_function("kid", cfg), rounds=30, seed=0)["kid"]
+
+    assert low <= point <= high
+
+
 def test_kid_few_samples_warns():
     x, y = _gaussian(5, 2, seed=0), _gaussian(7, 2, seed=1)
     cfg = MetricsConfig(kid_subset_size=1000, kid_subsets=2)
