@@ -235,13 +235,21 @@ class RunDir:
         self._lock_file = None
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"run_dir={self.path} is an existing file, not a folder; choose another run_dir")
+        error = None
         if dist.is_main():
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.ckpt_dir.mkdir(exist_ok=True)
-            self._acquire_lock()
-            self._remove_stale_temporary_files()
-            self._write_config(f"# stage: {stage}\n" + dump_yaml(cfg))
-        dist.barrier()
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                self.ckpt_dir.mkdir(exist_ok=True)
+                self._acquire_lock()
+                self._remove_stale_temporary_files()
+                self._write_config(f"# stage: {stage}\n" + dump_yaml(cfg))
+            except (RunDirError, OSError) as caught:
+                error = str(caught)
+                self.release()
+        # Every rank raises rank 0's error, so none is left waiting in a collective call.
+        error = dist.broadcast_object(error)
+        if error is not None:
+            raise RunDirError(error)
 
     def _remove_stale_temporary_files(self) -> None:
         """Delete checkpoint temporary files left by a killed writer (safe: this process holds the lock)."""
