@@ -212,6 +212,14 @@ def main(cfg):
         before = save_grid(s, cfg, run, "before.png")
         if adv.eval_every:
             evaluate(s, cfg, run, 0, str(cfg.model.pretrained))
+    elif adv.eval_every and (start_step % adv.eval_every == 0 or start_step == adv.steps_total):
+        # The checkpoint is written before the evaluation of its step, so a kill in between
+        # loses that evaluation: redo it from the checkpoint's weights.
+        evaluated = dist.broadcast_object(run.jsonl_steps("eval.jsonl") if dist.is_main() else None)
+        if start_step not in evaluated:
+            with finetune.ema_parameters(ema, s.trainable.params):
+                save_grid(s, cfg, run, f"step_{start_step:06d}.png")
+                evaluate(s, cfg, run, start_step, str(resume))
 
     # Training loop.
     batches = data.batches_from_step(loader, data_sampler, start_step * (adv.d_steps + 1))

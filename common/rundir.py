@@ -362,6 +362,18 @@ class RunDir:
                 kept.append(line)
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
+    def jsonl_steps(self, name: str) -> set[int]:
+        """Steps of the complete records of `name` (a line cut short by a kill is skipped)."""
+        path = self.path / name
+        steps = set()
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    steps.add(json.loads(line)["step"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+        return steps
+
     def append_jsonl(self, name: str, record: dict) -> None:
         if not dist.is_main():
             return

@@ -1,6 +1,7 @@
 """Tests of 03_adv_finetune.py and common/finetune.py on a tiny U-Net (16 px, CPU)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -248,6 +249,22 @@ def test_resume_and_probe_match(tiny_config, tiny_model, tmp_path):
     assert a["step"] == b["step"] == 6
     assert_states_close(a, b, atol=1e-6)
     assert [m["step"] for m in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_lost_evaluation_redone_on_resume(tiny_config, tiny_model, tmp_path):
+    common = [str(tiny_config), f"model.pretrained={tiny_model}", f"run_dir={tmp_path}", "adv.probe=false",
+              "adv.steps_total=2", "adv.ckpt_every=2", "adv.eval_every=2", "adv.eval_metrics=[c2st]", "adv.eval_num=8"]
+    run_stage("03_adv_finetune.py", *common, "resume=none")
+    # A kill after the step-2 checkpoint but during its evaluation: no step-2 row, no export.
+    rows = read_jsonl(tmp_path / "eval.jsonl")
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows if row["step"] != 2))
+    shutil.rmtree(tmp_path / "model")
+
+    result = run_stage("03_adv_finetune.py", *common, "resume=auto")
+
+    assert "resumed from" in result.stdout
+    assert [row["step"] for row in read_jsonl(tmp_path / "eval.jsonl")] == [0, 2]
+    assert (tmp_path / "model" / "model_index.json").is_file()
 
 
 def test_two_processes_match_one(tiny_config, tiny_model, tmp_path):
