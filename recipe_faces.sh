@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The whole study on a folder of face images at 32 px on CPU, ending in one table:
-# baseline (DDIM), discriminator guidance, and adversarial fine-tuning variants
-# (chain through all steps, chain through the last K steps, steps mode; output blocks
-# vs LoRA), all sampled with the same seeds and the same number of sampling steps,
-# evaluated by 04_eval.py with bootstrap intervals.
+# The whole study on a folder of face images at 32 px on CPU, ending in one table.
+# Its rows: the baseline (DDIM), discriminator guidance, and adversarial fine-tuning
+# variants (chain through all steps, chain through the last K steps, steps mode, and
+# output blocks against LoRA). All rows use the same seeds and the same number of
+# sampling steps, and 04_eval.py evaluates them with bootstrap intervals.
 #
 #   bash recipe_faces.sh FACE_DIR [OUT_DIR] [key=value ...]
 #

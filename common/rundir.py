@@ -309,10 +309,9 @@ class RunDir:
     def resume_path(self, resume: str) -> Path | None:
         """Resolve `resume: auto | none | PATH`; a PATH that does not exist is an error.
 
-        `none` in a run directory that already contains checkpoints moves them and the
-        step logs (*.jsonl) into `replaced-<time>/` first: a fresh run would otherwise
-        mix its steps with the old ones, and the pruning of old checkpoints could delete
-        the new ones.
+        `none` in a run directory that already contains checkpoints first moves them and
+        the step logs (*.jsonl) into `replaced-<time>/`. Otherwise a fresh run would mix
+        its steps with the old ones, and pruning could delete the new checkpoints.
         """
         if resume == "none":
             self._set_aside_previous_run()
