@@ -38,6 +38,11 @@ def main(cfg):
     device, run = setup(cfg, "00_pretrain")
     stop = StopSignal()
 
+    # A pretrained model loads before the data pass, so a bad model.pretrained fails fast. A fresh U-Net
+    # is built after it: building the dataset draws from the global RNG, and moving the U-Net's random
+    # initialisation before it would change the weights of every earlier seeded run.
+    pretrained = load_model(cfg) if cfg.model.pretrained is not None else None
+
     # Data: one shared seed for the sampler order; batch arithmetic checked once.
     dataset = data.build_dataset(cfg.data, train=True)
     loader, data_sampler = data.build_loader(dataset, cfg.train.batch_per_gpu, cfg.seed, train=True,
@@ -47,7 +52,7 @@ def main(cfg):
             f"{cfg.train.batch_per_gpu} per GPU x {cfg.train.grad_accum} accumulation")
 
     # Model, EMA, optimizer, learning-rate warmup.
-    model = load_model(cfg)
+    model = pretrained if pretrained is not None else load_model(cfg)
     if model.is_latent:
         raise SystemExit("00_pretrain.py trains pixel-space models only; model.pretrained is a latent model")
     unet = model.unet.to(device).train()

@@ -77,14 +77,8 @@ def main(cfg):
     world = dist.get_world_size()
     global_batch = world * cfg.disc.batch_per_gpu
 
-    # Reals: a seeded held-out split; the rest feeds the sharded loader.
-    dataset = data.build_dataset(cfg.data, train=True)
-    train_index, eval_index = gan.held_out_split(len(dataset), cfg.disc.eval_num, cfg.seed, "data")
-    loader, data_sampler = data.build_loader(gan.RealSubset(dataset, train_index), cfg.disc.batch_per_gpu, cfg.seed,
-                                             train=True, num_workers=cfg.data.num_workers)
-    real_held_out = gan.dataset_uint8(dataset, eval_index)
-
     # The diffusion model: its noise schedule (noisy mode), U-Net (arch unet) and samples (no fakes folder).
+    # Loaded before the reals are decoded, so a bad model.pretrained fails fast.
     model = load_model(cfg) if cfg.model.pretrained is not None else None
     scheduler = model.scheduler if model is not None else build_scheduler(cfg)
     schedule = None
@@ -99,6 +93,13 @@ def main(cfg):
         # resulting D does not score the latents that discriminator guidance would feed it.
         if cfg.disc.arch == "unet" and model.is_latent:
             raise DiscriminatorError("disc.arch=unet needs a pixel-space model; model.pretrained is a latent model")
+
+    # Reals: a seeded held-out split; the rest feeds the sharded loader.
+    dataset = data.build_dataset(cfg.data, train=True)
+    train_index, eval_index = gan.held_out_split(len(dataset), cfg.disc.eval_num, cfg.seed, "data")
+    loader, data_sampler = data.build_loader(gan.RealSubset(dataset, train_index), cfg.disc.batch_per_gpu, cfg.seed,
+                                             train=True, num_workers=cfg.data.num_workers)
+    real_held_out = gan.dataset_uint8(dataset, eval_index)
     fakes = build_fakes(cfg, model, device)
 
     # Discriminator and optimizer.

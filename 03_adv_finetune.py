@@ -12,7 +12,7 @@ chooses what trains: all, output_blocks, patterns or a peft LoRA. The discrimina
 (a 02_train_disc.py disc_final.pt) or fresh, and keeps training on fresh samples,
 adv.d_steps D steps per generator step.
 
-With adv.probe, one step at a small batch first prints "estimate: X GB peak, Y s/step,
+With adv.probe, four steps at batch 2 and 1 first print "estimate: X GB peak, Y s/step,
 Z min total" and stops with an error when that exceeds adv.max_memory_gb or the
 device's memory. Writes into `run_dir`: config.yaml, log.txt, metrics.jsonl (losses,
 logits, R1, grad norms, K), eval.jsonl ({"step", "checkpoint", "metrics"} every
@@ -116,17 +116,16 @@ def train_step(s, cfg, step, next_real, batch, plan=None) -> dict:
 
 
 def run_probe(s, cfg, dataset):
-    """Measure one G + D step at a small batch, then restore every weight, optimizer state and RNG."""
+    """Measure G + D steps at batch 2 and 1, then restore every weight, optimizer state and RNG."""
     adv = cfg.adv
     batch = min(2, adv.batch_per_gpu)
     real = torch.stack([dataset[i % len(dataset)] for i in range(batch)]).to(s.device)
     plan = finetune.worst_case_plan(adv, s.fake_sampler)
     with finetune.preserved_state(s.trainable, s.disc, s.g_opt, s.d_opt):
-        before, peak, seconds = finetune.measure(lambda: train_step(s, cfg, 0, lambda: real, batch, plan), s.device)
+        probe = finetune.measure(lambda b: train_step(s, cfg, 0, lambda: real[:b], b, plan), batch, s.device)
     state = finetune.optimizer_state_bytes(s.trainable.params, s.d_params)
     method = "cuda max_memory_allocated" if s.device.type == "cuda" else "process peak RSS"
-    estimate = finetune.extrapolate(before, peak, seconds, state, batch, adv.batch_per_gpu, adv.steps_total,
-                                    plan.grad_steps, method)
+    estimate = finetune.extrapolate(probe, state, adv.batch_per_gpu, adv.steps_total, plan.grad_steps, method)
     return dist.broadcast_object(estimate)
 
 

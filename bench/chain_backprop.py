@@ -27,7 +27,8 @@ run back to back, so the checkpointed/plain time ratio of one K is taken under
 similar load.
 
 The last section runs the memory and time probe of 03_adv_finetune.py
-(`common.finetune.measure` at `--probe-batch`, scaled with `common.finetune.extrapolate`)
+(`common.finetune.measure`: warm steps at `--probe-batch` and 1, scaled with
+`common.finetune.extrapolate`)
 on the same chain step and compares its estimate with the value measured at `--batch`.
 """
 
@@ -99,22 +100,21 @@ def run_worker(args: argparse.Namespace) -> dict:
     unet = build_unet(cfg).to(device).eval()
     sampler = Sampler(unet, build_scheduler(cfg), "ddim", steps=args.steps)
     size = cfg.data.resolution
-    seeds = list(range(batch))
     params = [p for p in unet.parameters() if p.requires_grad]
 
-    def step() -> None:
+    def step(n: int = batch) -> None:
         for p in params:
             p.grad = None
-        x0 = sampler.sample(seeds, (3, size, size), device, grad_steps=k, use_checkpoint=bool(use_checkpoint))
+        x0 = sampler.sample(list(range(n)), (3, size, size), device, grad_steps=k,
+                            use_checkpoint=bool(use_checkpoint))
         loss = x0.float().square().mean()
         loss.backward()
 
     result = {"k": k, "checkpoint": bool(use_checkpoint), "batch": batch}
     if probe:
         # The probe exactly as 03_adv_finetune.py runs it, on this step instead of a G + D step.
-        before, peak, seconds = finetune.measure(step, device)
         method = "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"
-        estimate = finetune.extrapolate(before, peak, seconds, 4 * sum(p.numel() for p in params), batch,
+        estimate = finetune.extrapolate(finetune.measure(step, batch, device), 4 * sum(p.numel() for p in params),
                                         args.batch, steps=1, grad_steps=k, method=method)
         result.update(estimate_peak_bytes=estimate.peak_gb * finetune.GIB, estimate_seconds=estimate.sec_per_step,
                       probe_line=estimate.line())
@@ -210,7 +210,6 @@ def main(argv=None) -> int:
           f"(K={k_high}, checkpointed):\n  {probe['probe_line']}")
     for name, estimate, actual in (
         ("process peak memory (MiB)", probe["estimate_peak_bytes"] / MIB, measured["peak_bytes"] / MIB),
-        ("step time vs first measured step (s)", probe["estimate_seconds"], measured["first_seconds"]),
         ("step time vs median measured step (s)", probe["estimate_seconds"], spread(measured["seconds"])[1]),
     ):
         error = estimate / actual - 1

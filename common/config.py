@@ -215,7 +215,7 @@ class AdvConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.99
     max_memory_gb: float | None = None
-    probe: bool = True  # measure memory and time with one step before the run
+    probe: bool = True  # measure memory and time with four small steps before the run
     eval_every: int = 100  # 0 disables the periodic evaluation
     eval_num: int = 256
     # Computed at each evaluation: names of common.metrics.METRICS (Inception features) and c2st.

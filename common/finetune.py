@@ -433,43 +433,78 @@ class Estimate:
                 f"(probe: batch {self.probe_batch} -> {self.batch}, K={self.grad_steps}, {self.method})")
 
 
-def measure(step_fn: Callable[[], None], device: torch.device) -> tuple[int, int, float]:
-    """Run `step_fn` once; returns (bytes in use before, peak bytes during, seconds).
+@dataclass(frozen=True)
+class Probe:
+    """What `measure` saw: memory over the first step, seconds of warm steps per batch size."""
+    before: int  # bytes in use before the first step
+    peak: int  # peak bytes during the first step, at the largest probe batch
+    seconds: dict[int, float]  # batch size -> seconds of one warm step
 
-    CUDA: torch.cuda.memory_allocated before and max_memory_allocated during the call.
-    CPU: the resident set size before and the process's peak RSS (getrusage) after.
-    The CPU peak is the peak of the whole process so far, so it over-estimates the
-    step when an earlier phase (data loading) used more memory.
+
+def measure(step_fn: Callable[[int], None], probe_batch: int, device: torch.device) -> Probe:
+    """Run step_fn(probe_batch) twice, then step_fn(1) twice when probe_batch > 1.
+
+    Memory comes from the first call, at the largest batch. CUDA: memory_allocated
+    before and max_memory_allocated during the call. CPU: the resident set size before
+    and the process's peak RSS (getrusage) after. That peak covers the whole process so
+    far: it over-estimates the step when an earlier phase used more memory, and it
+    cannot see a later, smaller call.
+
+    Time comes only from the second call at each batch size. The first call at a new
+    shape pays one-off costs (allocator growth, oneDNN primitive creation, cuDNN
+    autotuning): timing a single first step made the estimate about 2x too high on a
+    2-core CPU.
     """
+    def timed(batch: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step_fn(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     else:
         before = _rss_bytes() or _peak_rss_bytes()
-    start = time.perf_counter()
-    step_fn()
+    timed(probe_batch)
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = max(_peak_rss_bytes(), before)
-    return before, peak, time.perf_counter() - start
+    seconds = {probe_batch: timed(probe_batch)}
+    if probe_batch > 1:
+        timed(1)
+        seconds[1] = timed(1)
+    return Probe(before, peak, seconds)
 
 
-def extrapolate(before: int, peak: int, seconds: float, state_bytes: int, probe_batch: int, batch: int,
-                steps: int, grad_steps: int, method: str) -> Estimate:
-    """Scale the batch-dependent part of the probe's memory and its time linearly to `batch`.
+def extrapolate(probe: Probe, state_bytes: int, batch: int, steps: int, grad_steps: int, method: str) -> Estimate:
+    """Scale the probe to `batch`: memory linearly, time along a line through the warm steps.
 
     Memory = before + state + (peak - before - state) * batch / probe_batch, where
     `state_bytes` (gradients and optimizer moments, created by the first step) does
-    not grow with the batch. Time = seconds * batch / probe_batch. Both are estimates:
-    the first step also pays one-off costs, so the time is usually an over-estimate.
+    not grow with the batch.
+
+    Time = t(b) + slope * (batch - b) at the largest probe batch b, with the slope
+    from the steps at batch 1 and b: a step has a part that does not grow with the
+    batch (Python, kernel launches, a GPU not yet full). The slope is kept between 0
+    and t(b) / b (no fixed part), so noise between the two timings cannot give a
+    time that falls with the batch or grows faster than in proportion. With one
+    timing the time is scaled in proportion, an upper bound.
     """
-    activations = max(peak - before - state_bytes, 0)
-    scale = batch / probe_batch
-    peak_gb = (before + state_bytes + activations * scale) / GIB
-    sec = seconds * scale
+    probe_batch = max(probe.seconds)
+    activations = max(probe.peak - probe.before - state_bytes, 0)
+    peak_gb = (probe.before + state_bytes + activations * batch / probe_batch) / GIB
+    top = probe.seconds[probe_batch]
+    slope = top / probe_batch
+    if len(probe.seconds) > 1:
+        low = min(probe.seconds)
+        slope = min(max((top - probe.seconds[low]) / (probe_batch - low), 0.0), slope)
+    sec = top + slope * (batch - probe_batch)
     return Estimate(peak_gb, sec, sec * steps / 60, probe_batch, batch, grad_steps, method)
 
 

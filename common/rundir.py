@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import random
 import re
@@ -28,6 +29,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +252,34 @@ class RunDir:
         error = dist.broadcast_object(error)
         if error is not None:
             raise RunDirError(error)
+        self._log_handler = None
+        self._showwarning = None
+        if dist.is_main():
+            self._copy_warnings_to_log()
+
+    def _copy_warnings_to_log(self) -> None:
+        """Append warnings of the `common` loggers and of warnings.warn to log.txt too.
+
+        They still go to stderr as well. A run directory read later then shows why the run
+        skipped images or reported a biased metric.
+        """
+        handler = _LogTxtHandler(self)
+        logger = logging.getLogger("common")
+        logger.addHandler(handler)
+        if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+                   for h in logger.handlers):
+            # With a handler attached, logging no longer prints to stderr by itself.
+            stderr = logging.StreamHandler()
+            stderr.setLevel(logging.WARNING)
+            logger.addHandler(stderr)
+        self._log_handler = handler
+        self._showwarning = original = warnings.showwarning
+
+        def showwarning(message, category, filename, lineno, file=None, line=None):
+            original(message, category, filename, lineno, file, line)
+            self._append_log(f"warning: {category.__name__}: {message}")
+
+        warnings.showwarning = showwarning
 
     def _remove_stale_temporary_files(self) -> None:
         """Delete checkpoint temporary files left by a killed writer (safe: this process holds the lock)."""
@@ -292,6 +322,10 @@ class RunDir:
         dist.cleanup()
 
     def release(self) -> None:
+        if getattr(self, "_log_handler", None) is not None:
+            logging.getLogger("common").removeHandler(self._log_handler)
+            warnings.showwarning = self._showwarning
+            self._log_handler = None
         if self._lock_file is not None:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
@@ -384,14 +418,30 @@ class RunDir:
         """Print a status line on rank 0 and append it to log.txt."""
         if not dist.is_main():
             return
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         print(line, flush=True)
-        with open(self.path / "log.txt", "a") as f:
-            f.write(f"{stamp} {line}\n")
+        self._append_log(line)
+
+    def _append_log(self, line: str) -> None:
+        try:
+            with open(self.path / "log.txt", "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        except OSError:
+            pass  # the line was printed; a full disk must not turn a warning into a crash
 
     def write_json(self, name: str, data: dict) -> None:
         if dist.is_main():
             atomic_write_text(self.path / name, json.dumps(data, indent=2) + "\n")
+
+
+class _LogTxtHandler(logging.Handler):
+    """Writes WARNING and above records of the `common` loggers into a run's log.txt."""
+
+    def __init__(self, run: RunDir) -> None:
+        super().__init__(logging.WARNING)
+        self.run = run
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.run._append_log(f"warning: {record.getMessage()}")
 
 
 def _unused_path(directory: Path, stem: str, suffix: str = "") -> Path:

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -165,8 +166,34 @@ def test_output_blocks_too_many(tiny_config, tiny_model):
         finetune.select_trainable(model.unet, {"output_blocks": 3})
 
 
+@pytest.mark.parametrize("seconds, expected", [
+    ({2: 2.0, 1: 1.5}, 2.0 + 0.5 * 6),  # fixed part 1 s, 0.5 s per sample
+    ({2: 2.0, 1: 1.0}, 8.0),  # no fixed part: in proportion to the batch
+    ({2: 2.0, 1: 0.5}, 8.0),  # faster than in proportion (noise): capped at proportional
+    ({2: 2.0, 1: 2.5}, 2.0),  # batch 1 slower (noise): the slope is not negative
+])
+def test_estimate_time_line_through_warm_steps(seconds, expected):
+    estimate = finetune.extrapolate(finetune.Probe(0, 0, seconds), 0, 8, 10, 1, "test")
+    assert estimate.sec_per_step == pytest.approx(expected)
+    assert estimate.total_min == pytest.approx(expected * 10 / 60)
+
+
+def test_measure_times_only_warm_steps():
+    calls = []
+
+    def step(batch):
+        calls.append(batch)
+        time.sleep(0.2 if len(calls) in (1, 3) else 0.01 * batch)  # first call at each batch is slow
+
+    probe = finetune.measure(step, 2, torch.device("cpu"))
+    assert calls == [2, 2, 1, 1]
+    assert set(probe.seconds) == {1, 2}
+    assert probe.seconds[2] < 0.15 and probe.seconds[1] < 0.15
+    assert probe.peak >= probe.before > 0
+
+
 def test_estimate_check_suggests_fixes():
-    estimate = finetune.extrapolate(1 * 2**30, 3 * 2**30, 2.0, 0, 2, 8, 100, 5, "test")
+    estimate = finetune.extrapolate(finetune.Probe(1 * 2**30, 3 * 2**30, {2: 2.0}), 0, 8, 100, 5, "test")
     assert estimate.peak_gb == pytest.approx(1 + 2 * 4)
     assert estimate.sec_per_step == pytest.approx(8.0)
     with pytest.raises(finetune.MemoryEstimateError, match="adv.grad_steps=K with K < 5") as error:

@@ -8,6 +8,7 @@ fail before any training step.
 import ast
 import errno
 import json
+import logging
 import os
 import runpy
 import shutil
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -412,6 +414,17 @@ def test_model_offline(existing_run, tmp_path):
                       "model.pretrained")
 
 
+@pytest.mark.parametrize("script", ["00_pretrain.py", "02_train_disc.py"])
+def test_missing_model_named_before_data_pass(tmp_path, capsys, script):
+    # An empty image folder would fail too, but only after the data pass; the model is checked first.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_in_process(script, TINY, f"run_dir={tmp_path / 'run'}", f"model.pretrained={tmp_path / 'nothing'}",
+                            "data.source=folder", f"data.root={empty}", capsys=capsys)
+    assert_user_error(result, "model.pretrained", str(tmp_path / "nothing"))
+    assert "no images found" not in result.stderr
+
+
 def test_inception_offline(tmp_path, eval_args, capsys, monkeypatch):
     torch_home = tmp_path / "torch_home"
     torch_home.mkdir()
@@ -480,6 +493,23 @@ def test_changed_config_kept(tmp_path):
     kept = [p.read_text() for p in tmp_path.glob("config.*.yaml")]
     assert kept == [original]
     assert "seed: 2" in (tmp_path / "config.yaml").read_text()
+
+
+def test_warnings_reach_log_txt(tmp_path, capsys):
+    run = RunDir(load_config(REPO / TINY, [f"run_dir={tmp_path}"]), "test")
+    logging.getLogger("common.data").warning("skipped 2 unreadable image files of %s", "faces/")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("FID from 40 samples is biased")
+    run.release()
+    logging.getLogger("common.data").warning("after the run")
+    log = (tmp_path / "log.txt").read_text()
+    assert "warning: skipped 2 unreadable image files of faces/" in log
+    assert "warning: UserWarning: FID from 40 samples is biased" in log
+    assert "after the run" not in log
+    # Logged warnings still reach stderr (pytest itself records warnings.warn, so it is not checked here).
+    err = capsys.readouterr().err
+    assert "skipped 2 unreadable" in err and "after the run" in err
 
 
 def test_resume_none_sets_old_run_aside(tmp_path):
