@@ -435,7 +435,7 @@ class Estimate:
 
 @dataclass(frozen=True)
 class Probe:
-    """What `measure` saw: memory over the first step, seconds of warm steps per batch size."""
+    """Measurements of `measure`: memory over the first step, seconds of warm steps per batch size."""
     before: int  # bytes in use before the first step
     peak: int  # peak bytes during the first step, at the largest probe batch
     seconds: dict[int, float]  # batch size -> seconds of one warm step

@@ -426,7 +426,7 @@ class RunDir:
             with open(self.path / "log.txt", "a") as f:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
         except OSError:
-            pass  # the line was printed; a full disk must not turn a warning into a crash
+            pass  # The line was already printed, so a full disk must not turn a warning into a crash.
 
     def write_json(self, name: str, data: dict) -> None:
         if dist.is_main():
@@ -434,7 +434,7 @@ class RunDir:
 
 
 class _LogTxtHandler(logging.Handler):
-    """Writes WARNING and above records of the `common` loggers into a run's log.txt."""
+    """Handler that writes WARNING and above records of the `common` loggers into a run's log.txt."""
 
     def __init__(self, run: RunDir) -> None:
         super().__init__(logging.WARNING)

@@ -415,8 +415,8 @@ def test_model_offline(existing_run, tmp_path):
 
 
 @pytest.mark.parametrize("script", ["00_pretrain.py", "02_train_disc.py"])
-def test_missing_model_named_before_data_pass(tmp_path, capsys, script):
-    # An empty image folder would fail too, but only after the data pass; the model is checked first.
+def test_missing_model_before_data(tmp_path, capsys, script):
+    # An empty image folder would fail too, but only after the data pass. The model is checked first.
     empty = tmp_path / "empty"
     empty.mkdir()
     result = run_in_process(script, TINY, f"run_dir={tmp_path / 'run'}", f"model.pretrained={tmp_path / 'nothing'}",
@@ -509,7 +509,8 @@ def test_warnings_reach_log_txt(tmp_path, capsys):
     assert "after the run" not in log
     # Logged warnings still reach stderr (pytest itself records warnings.warn, so it is not checked here).
     err = capsys.readouterr().err
-    assert "skipped 2 unreadable" in err and "after the run" in err
+    assert "skipped 2 unreadable" in err
+    assert "after the run" in err
 
 
 def test_resume_none_sets_old_run_aside(tmp_path):
